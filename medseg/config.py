@@ -1,0 +1,289 @@
+"""Bundles: plain JSON validated into typed, frozen-by-convention dataclasses.
+
+A bundle is data, never code: no ``eval``, no imports named by the file. Every key is checked; an
+unknown key fails with its full path and the closest valid name. Defaults follow the MONAI BTCV
+recipe (spacing 1.5x1.5x2.0 mm, RAS, HU window -175..250, RandCropByPosNegLabel pos 1 / neg 1 /
+4 samples, DiceCE, AdamW 1e-4, gaussian sliding window overlap 0.25, 4 windows per batch) except the
+ROI and the length of training, which the shipped bundles size for a CPU run on the phantom.
+
+    bundle = load_bundle("bundles/unetr.json", overrides=["train.epochs=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medseg.errors import BundleError
+
+PHANTOM_LABELS = ["liver", "spleen", "kidney_right", "kidney_left", "vertebrae", "aorta"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "swin_unetr"
+    # Keyword arguments for the network, checked against its signature when it is built.
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PhantomConfig:
+    cases: int = 8
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # "phantom", a folder (imagesTr/+labelsTr/, image.nii.gz+label.nii.gz, or case subfolders)
+    # or a Decathlon dataset.json.
+    source: str = "phantom"
+    # Output classes by name; background is class 0 and implied.
+    labels: list[str] = field(default_factory=lambda: ["liver", "spleen", "kidney_right", "kidney_left"])
+    # What the source's label values mean: a JSON file or a mapping {value: name}. Values whose
+    # name is not in `labels` become background. None: the dataset's own (phantom, dataset.json),
+    # else values 1..N are taken to be `labels` in order.
+    source_labels: str | dict[str, str] | None = None
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])
+    hu_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    cache: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    roi: list[int] = field(default_factory=lambda: [64, 64, 64])
+    batch_size: int = 1
+    samples_per_volume: int = 4
+    # "pos_neg": RandCropByPosNegLabeld with `pos_neg` ratio; "class_balanced": RandCropByLabelClassesd.
+    sampling: Literal["pos_neg", "class_balanced"] = "pos_neg"
+    pos_neg: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    augment: bool = True
+    loss: Literal["dice_ce", "dice", "ce", "dice_focal"] = "dice_ce"
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    scheduler: Literal["none", "cosine", "poly"] = "none"
+    epochs: int = 10
+    # None: one pass over the training volumes (x samples_per_volume patches) per epoch.
+    iterations_per_epoch: int | None = None
+    amp: bool = True
+    grad_checkpointing: bool = False
+    val_interval: int = 1
+    seed: int = 0
+
+
+@dataclass
+class SlidingWindowConfig:
+    roi: list[int] | None = None  # None: the training ROI
+    sw_batch_size: int = 4
+    overlap: float = 0.25
+    mode: Literal["gaussian", "constant"] = "gaussian"
+
+
+@dataclass
+class TrackingConfig:
+    backend: Literal["mlflow", "none"] = "mlflow"
+    experiment: str = "medseg"
+    # None: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.
+    uri: str | None = None
+
+
+@dataclass
+class Bundle:
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def infer_roi(self) -> list[int]:
+        return list(self.sliding_window.roi or self.train.roi)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_bundle(path: str | Path | None = None, overrides: list[str] | None = None) -> Bundle:
+    """Read a bundle file (or start from the defaults when ``path`` is None), apply ``--set``
+    overrides, and validate. Raises :class:`BundleError` naming the offending key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_bundle_json(path)
+    return bundle_from_dict(raw, overrides)
+
+
+def read_bundle_json(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise BundleError(f"bundle not found: {p}")
+    try:
+        raw = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"bundle {p} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"bundle {p} must hold a JSON object at the top level")
+    return raw
+
+
+def bundle_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Bundle:
+    raw = json.loads(json.dumps(raw))  # deep copy, and proof that it is plain JSON
+    for item in overrides or []:
+        apply_override(raw, item)
+    bundle = _build(Bundle, raw, "")
+    _check_values(bundle)
+    return bundle
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.epochs=2"`` -> (["train", "epochs"], 2). The value is JSON when it parses as JSON,
+    otherwise the plain string (so ``data.source=../x`` needs no quotes)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise BundleError(f"override {item!r} must look like section.key=value")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    keys, value = parse_override(item)
+    node = raw
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise BundleError(f"override {item!r}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    where = path or "bundle"
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where} must be a JSON object, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{path}.{key}" if path else key
+            raise BundleError(f"unknown bundle key {full!r}{_closest(key, names)}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            full = f"{path}.{name}" if path else name
+            kwargs[name] = _coerce(hints[name], raw[name], full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against the type hint ``tp``; return it converted (int -> float, list copies)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except BundleError as e:
+                errors.append(str(e))
+        raise BundleError(errors[0] if len(errors) == 1 else f"{path}: {value!r} has the wrong type")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            hint = _closest(str(value), [str(a) for a in args]) if isinstance(value, str) else ""
+            raise BundleError(f"{path} must be one of {choices}, got {value!r}{hint if 'did you' in hint else ''}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise BundleError(f"{path} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BundleError(f"{path} must be an object, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise BundleError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BundleError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BundleError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise BundleError(f"{path} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported bundle type {tp!r} at {path}")  # a schema bug, not user input
+
+
+def _check_values(b: Bundle) -> None:
+    """Range checks that types cannot express."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise BundleError(msg)
+
+    d, t, sw = b.data, b.train, b.sliding_window
+    need(len(d.labels) > 0, "data.labels must name at least one class")
+    need(len(set(d.labels)) == len(d.labels), "data.labels has a repeated name")
+    need("background" not in d.labels, "data.labels must not list 'background': it is class 0 and implied")
+    need(len(d.spacing) == 3 and all(s > 0 for s in d.spacing), "data.spacing must be 3 positive numbers (mm)")
+    need(len(d.hu_window) == 2 and d.hu_window[0] < d.hu_window[1], "data.hu_window must be [low, high] with low < high")
+    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+    need(d.phantom.cases >= 1, "data.phantom.cases must be at least 1")
+    need(d.num_workers >= 0, "data.num_workers must be >= 0")
+    need(len(t.roi) == 3 and all(r >= 1 for r in t.roi), "train.roi must be 3 positive integers")
+    need(t.batch_size >= 1, "train.batch_size must be >= 1")
+    need(t.samples_per_volume >= 1, "train.samples_per_volume must be >= 1")
+    need(len(t.pos_neg) == 2 and min(t.pos_neg) >= 0 and sum(t.pos_neg) > 0, "train.pos_neg must be [pos, neg] >= 0, not both 0")
+    need(t.lr > 0, "train.lr must be > 0")
+    need(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    need(t.epochs >= 1, "train.epochs must be >= 1")
+    need(t.iterations_per_epoch is None or t.iterations_per_epoch >= 1, "train.iterations_per_epoch must be >= 1 or null")
+    need(t.val_interval >= 1, "train.val_interval must be >= 1")
+    need(sw.roi is None or (len(sw.roi) == 3 and all(r >= 1 for r in sw.roi)), "sliding_window.roi must be 3 positive integers or null")
+    need(sw.sw_batch_size >= 1, "sliding_window.sw_batch_size must be >= 1")
+    need(0.0 <= sw.overlap < 1.0, "sliding_window.overlap must be in [0, 1)")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": 1e-4}; lists and None kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
