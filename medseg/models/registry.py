@@ -1,0 +1,84 @@
+"""A timm-style model registry: ``register_model`` / ``create_model`` / ``list_models``.
+
+A registered builder takes ``in_channels``, ``out_channels``, ``roi`` and ``grad_checkpointing`` plus
+the network's own keyword arguments (a bundle's ``model.args``), which are checked against the
+network's signature so a typo fails with the closest valid name instead of a TypeError deep inside.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from medseg.errors import BundleError
+
+# Arguments medseg sets itself; a bundle may not pass them in model.args.
+RESERVED = {"in_channels", "out_channels", "img_size", "spatial_dims", "roi", "grad_checkpointing", "use_checkpoint"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # registry key, used in bundles: "swin_unetr"
+    display: str  # used in run names: "SwinUNETR"
+    builder: Callable
+    network: type  # the class whose signature model.args are checked against
+    roi_multiple: tuple[int, int, int]  # each ROI axis must be a multiple of this
+    description: str
+    min_roi: tuple[int, int, int] = (1, 1, 1)  # smallest ROI that trains (instance norm needs > 1 voxel)
+
+    def accepted_args(self) -> list[str]:
+        params = inspect.signature(self.network.__init__).parameters
+        return sorted(p for p in params if p not in RESERVED and p != "self" and params[p].kind is not inspect.Parameter.VAR_KEYWORD)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, *, display: str, network: type, roi_multiple: tuple[int, int, int], description: str,
+                   min_roi: tuple[int, int, int] | None = None):
+    def decorate(builder: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, display, builder, network, roi_multiple, description, min_roi or roi_multiple)
+        return builder
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        match = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.4)
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        raise BundleError(f"unknown model {name!r}{hint} (available: {', '.join(list_models())})")
+    return _REGISTRY[name]
+
+
+def check_roi(name: str, roi) -> None:
+    spec = get_spec(name)
+    bad = [i for i, (r, m, lo) in enumerate(zip(roi, spec.roi_multiple, spec.min_roi)) if r % m or r < lo]
+    if len(roi) != 3 or bad:
+        raise BundleError(
+            f"ROI {list(roi)} does not suit {spec.display}: each axis must be a multiple of "
+            f"{list(spec.roi_multiple)} and at least {list(spec.min_roi)}"
+        )
+
+
+def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, grad_checkpointing: bool = False, **args):
+    spec = get_spec(name)
+    accepted = spec.accepted_args()
+    for key in args:
+        if key not in accepted:
+            match = difflib.get_close_matches(key, accepted, n=1, cutoff=0.5)
+            hint = f"; did you mean {match[0]!r}?" if match else f"; it takes: {', '.join(accepted)}"
+            raise BundleError(f"model.args: {spec.name} has no argument {key!r}{hint}")
+    check_roi(name, roi)
+    try:
+        return spec.builder(in_channels=in_channels, out_channels=out_channels, roi=tuple(roi), grad_checkpointing=grad_checkpointing, **args)
+    except (ValueError, AssertionError) as e:  # MONAI validates its own arguments this way
+        raise BundleError(f"model.args for {spec.name}: {e}") from None
