@@ -1,0 +1,51 @@
+"""Loss, optimiser and learning-rate schedule named by a bundle, and their display names for runs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
+from torch import nn
+
+from medseg.config import TrainConfig
+
+LOSS_NAMES = {"dice_ce": "DiceCE", "dice": "Dice", "ce": "CE", "dice_focal": "DiceFocal"}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
+
+
+class CrossEntropy(nn.Module):
+    """Cross-entropy on logits (B, K, ...) against a label map (B, 1, ...)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target[:, 0].long())
+
+
+def make_loss(name: str) -> nn.Module:
+    if name == "dice_ce":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    if name == "dice":
+        return DiceLoss(to_onehot_y=True, softmax=True)
+    if name == "dice_focal":
+        return DiceFocalLoss(to_onehot_y=True, softmax=True)
+    if name == "ce":
+        return CrossEntropy()
+    raise ValueError(f"unknown loss {name!r}")  # the bundle schema rules this out
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":  # nnU-Net's choice
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Stepped once per iteration. "poly" is nnU-Net's (1 - t/T)^0.9."""
+    if cfg.scheduler == "none":
+        return None
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps) / max(1, total_steps)) ** 0.9)
