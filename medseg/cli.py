@@ -1,0 +1,170 @@
+"""The ``medseg`` command line: parse, call the Python API with keywords, print with rich.
+
+Heavy libraries are imported inside the commands, so ``medseg --help`` starts fast. Errors a user
+can cause (:class:`~medseg.errors.MedsegError`) print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from medseg import __version__
+from medseg.errors import MedsegError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="3D CT organ segmentation: train V-Net, UNETR, Swin UNETR and a 2D FCN from JSON bundles.")
+out = Console()
+err = Console(stderr=True)
+
+# Options shared between commands (fastapi-cli style).
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
+                                                  help="Override a bundle key, e.g. train.epochs=2 (repeatable; JSON values parsed).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+TrackingOpt = Annotated[str, typer.Option("--tracking", help="mlflow (default) or none.")]
+
+
+def user_errors(fn):
+    """Turn a MedsegError into one red line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedsegError as e:
+            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"medseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False) -> None:
+    """medseg: train, compare and run 3D CT segmentation models."""
+
+
+@app.command()
+@user_errors
+def train(
+    bundle: Annotated[Path | None, typer.Argument(help="Bundle JSON (e.g. bundles/swin_unetr.json). Not with --resume.")] = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default runs/<run name>).")] = None,
+    runs_root: Annotated[Path, typer.Option("--runs-root", help="Parent of new run directories.")] = Path("runs"),
+    device: DeviceOpt = "auto",
+    tracking: TrackingOpt = "mlflow",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir from its last checkpoint.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Train a model from a bundle; with no data named, on the built-in synthetic CT phantom."""
+    from medseg.config import load_bundle
+
+    if tracking not in ("mlflow", "none"):
+        raise MedsegError(f"--tracking must be mlflow or none, got {tracking!r}")
+    overrides = list(set_ or [])
+    if tracking == "none":
+        overrides.append("tracking.backend=none")
+    if resume:
+        if bundle is not None:
+            raise MedsegError("--resume continues the run's own bundle; leave out BUNDLE and change keys with --set")
+        if run_dir is None:
+            raise MedsegError("--resume needs --run-dir DIR")
+        from medseg.engine.train import load_bundle_for_resume
+
+        cfg = load_bundle_for_resume(run_dir, overrides)
+    else:
+        if bundle is None:
+            raise MedsegError("name a bundle, e.g. medseg train bundles/swin_unetr.json")
+        cfg = load_bundle(bundle, overrides)
+
+    from medseg.engine.train import train as run_training
+
+    _sigterm_interrupts()
+    result = run_training(cfg, run_dir=run_dir, runs_root=runs_root, device=device, resume=resume,
+                          console=err, show_progress=progress)
+    _print_result(result)
+
+
+def _sigterm_interrupts() -> None:
+    """A `kill` (or a scheduler's time limit) ends training like Ctrl-C, so run.json says interrupted."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a notebook's worker): leave it alone
+        pass
+
+
+def _print_result(result) -> None:
+    from rich.table import Table
+
+    last = next((row for row in reversed(result.history) if "val_mean_dice" in row), {})
+    out.print(f"[bold]{result.name}[/bold]")
+    table = Table(show_header=True)
+    table.add_column("class")
+    table.add_column("val Dice (last epoch)", justify="right")
+    for key, value in last.items():
+        if key.startswith("val_dice_"):
+            table.add_row(key.removeprefix("val_dice_"), f"{value:.3f}")
+    if last:
+        table.add_row("[bold]mean[/bold]", f"[bold]{last['val_mean_dice']:.3f}[/bold]")
+    out.print(table)
+    out.print(f"best mean Dice {result.best_dice:.3f} at epoch {result.best_epoch}; run directory: {result.run_dir}")
+
+
+@app.command()
+@user_errors
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write imagesTr/, labelsTr/ and dataset.json into.")],
+    cases: Annotated[int, typer.Option("--cases", "-n", min=1, help="Number of cases.")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Phantom stream seed.")] = 0,
+) -> None:
+    """Write synthetic CT phantom cases (NIfTI image + label map) in Decathlon layout."""
+    from rich.progress import Progress
+
+    from medseg.data.phantom import write_phantom
+
+    with Progress(console=err) as bar:
+        task = bar.add_task("phantom cases", total=cases)
+        write_phantom(out_dir, cases, seed, progress=lambda i, n: bar.update(task, completed=i))
+    out.print(f"wrote {cases} phantom cases to {out_dir}")
+
+
+@app.command()
+@user_errors
+def models() -> None:
+    """List the registered models (parameters counted at a 96^3 ROI with 5 output classes)."""
+    from rich.table import Table
+
+    from medseg.models import create_model, get_spec, list_models
+
+    table = Table(show_header=True)
+    for col in ("name", "display", "parameters", "ROI multiple / minimum", "description"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for name in list_models():
+        spec = get_spec(name)
+        roi = (96, 96, 1) if name == "fcn2d" else (96, 96, 96)
+        # Built on the CPU: Swin UNETR's constructor calls .item(), which the meta device refuses.
+        n = sum(p.numel() for p in create_model(name, out_channels=5, roi=roi).parameters())
+        constraint = f"{list(spec.roi_multiple)} / {list(spec.min_roi)}"
+        table.add_row(name, spec.display, f"{n / 1e6:.1f} M", constraint, spec.description)
+    out.print(table)
+
+
+if __name__ == "__main__":
+    app()
