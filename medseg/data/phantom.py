@@ -107,7 +107,8 @@ def make_case(seed: int, index: int) -> PhantomCase:
 
     j = lambda s: rng.uniform(-s, s)  # noqa: E731  (jitter)
     # Liver: large, patient's right (+x in RAS), under the right lung; a plane cuts its medial tip.
-    liver = _ellipsoid(p, (48 + j(8), 8 + j(8), 30 + j(8)), (70 * rng.uniform(0.88, 1.12), 58 * rng.uniform(0.88, 1.12), 52 * rng.uniform(0.88, 1.12)), _rotation(rng, 15)) < 1.0
+    liver_radii = np.array([70.0, 58.0, 52.0]) * rng.uniform(0.88, 1.12, 3)
+    liver = _ellipsoid(p, (48 + j(8), 8 + j(8), 30 + j(8)), liver_radii, _rotation(rng, 15)) < 1.0
     liver &= (p[0] - 0.6 * p[2]) > -40 + j(10)
     organ(1, liver, rng.uniform(55, 68))
     # Spleen: left, posterior, crescent-like (an ellipsoid minus a bite).

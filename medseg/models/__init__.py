@@ -4,8 +4,7 @@ Importing this package registers the built-in models (MONAI VNet, UNETR, SwinUNE
 slice-by-slice FCN).
 """
 
-from medseg.models.registry import ModelSpec, check_roi, create_model, get_spec, list_models, register_model
-
 from medseg.models import nets as _nets  # noqa: F401,E402  (registers the built-ins)
+from medseg.models.registry import ModelSpec, check_roi, create_model, get_spec, list_models, register_model
 
 __all__ = ["ModelSpec", "check_roi", "create_model", "get_spec", "list_models", "register_model"]

@@ -1,0 +1,77 @@
+"""Shared fixtures: a session phantom cache, the real CT folder (skip when absent), a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def phantom_cache(tmp_path_factory) -> Path:
+    """Phantom cases are written once per session, never into the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("medseg-cache")
+    old = os.environ.get("MEDSEG_CACHE")
+    os.environ["MEDSEG_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MEDSEG_CACHE", None)
+    else:
+        os.environ["MEDSEG_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def no_global_tracking(monkeypatch):
+    """A test decides its own tracking store; never write to one named by the environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a scratch folder so runs/ and mlflow.db land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "ct_abdomen_3mm" / "image.nii.gz").is_file():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def cli():
+    from medseg.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+def write_case(folder: Path, name: str, image: np.ndarray, label: np.ndarray, affine=None, label_affine=None) -> None:
+    """A case in Decathlon layout under ``folder``."""
+    affine = np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), folder / "imagesTr" / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine if label_affine is None else label_affine), folder / "labelsTr" / f"{name}.nii.gz")
+
+
+def tiny_case(seed: int = 0, shape=(40, 36, 20)) -> tuple[np.ndarray, np.ndarray]:
+    """A body-like ellipse with one bright blob labeled 1: enough for error-path tests."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    image = np.where(x**2 + y**2 < 0.8, 40.0, -1000.0) + rng.normal(0, 10, shape)
+    label = ((x - 0.2) ** 2 + y**2 + z**2 < 0.15).astype(np.uint8)
+    image[label == 1] = 150.0
+    return image.astype(np.int16), label

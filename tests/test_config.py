@@ -1,0 +1,91 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from medseg.config import Bundle, bundle_from_dict, flatten, load_bundle, parse_override
+from medseg.errors import BundleError
+
+BUNDLES = sorted((Path(__file__).resolve().parents[1] / "bundles").glob("*.json"))
+
+
+def test_every_shipped_bundle_validates():
+    assert {p.stem for p in BUNDLES} >= {"vnet", "unetr", "swin_unetr", "fcn2d"}
+    for path in BUNDLES:
+        bundle = load_bundle(path)
+        assert isinstance(bundle, Bundle)
+        assert bundle.data.labels and bundle.train.epochs >= 1
+
+
+def test_3d_bundles_follow_the_btcv_recipe():
+    for name in ("vnet", "unetr", "swin_unetr"):
+        b = load_bundle(BUNDLES[0].parent / f"{name}.json")
+        assert b.data.spacing == [1.5, 1.5, 2.0]
+        assert b.data.hu_window == [-175.0, 250.0]
+        assert (b.train.sampling, b.train.pos_neg, b.train.samples_per_volume) == ("pos_neg", [1.0, 1.0], 4)
+        assert (b.train.loss, b.train.optimizer, b.train.lr) == ("dice_ce", "adamw", 1e-4)
+        assert (b.sliding_window.overlap, b.sliding_window.sw_batch_size, b.sliding_window.mode) == (0.25, 4, "gaussian")
+
+
+def test_overrides_parse_json_else_string():
+    assert parse_override("train.epochs=2") == (["train", "epochs"], 2)
+    assert parse_override("data.labels=[\"liver\"]") == (["data", "labels"], ["liver"])
+    assert parse_override("data.source=../shared/data/x") == (["data", "source"], "../shared/data/x")
+    assert parse_override("train.amp=false") == (["train", "amp"], False)
+    b = bundle_from_dict({}, ["train.epochs=3", "train.lr=0.001", "model.args.feature_size=12", "data.spacing=[2,2,2]"])
+    assert b.train.epochs == 3 and b.train.lr == 1e-3
+    assert b.model.args == {"feature_size": 12}
+    assert b.data.spacing == [2.0, 2.0, 2.0] and all(isinstance(s, float) for s in b.data.spacing)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=2", "unknown bundle key 'train.epoch'; did you mean 'epochs'?"),
+        ("trian.epochs=2", "unknown bundle key 'trian'; did you mean 'train'?"),
+        ("data.phantom.case=3", "unknown bundle key 'data.phantom.case'; did you mean 'cases'?"),
+        ("train.epochs=two", "train.epochs must be an integer"),
+        ("train.epochs=2.5", "train.epochs must be an integer"),
+        ("train.amp=1", "train.amp must be true or false"),
+        ("train.loss=dicece", "train.loss must be one of"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("data.spacing=[1,1]", "data.spacing must be 3 positive numbers"),
+        ("data.hu_window=[250,-175]", "data.hu_window must be [low, high]"),
+        ("data.labels=[]", "data.labels must name at least one class"),
+        ("data.labels=[\"background\",\"liver\"]", "must not list 'background'"),
+        ("sliding_window.overlap=1.0", "sliding_window.overlap must be in [0, 1)"),
+        ("train", "must look like section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(BundleError) as e:
+        bundle_from_dict({}, [override])
+    assert message in str(e.value)
+
+
+def test_bundle_file_errors(tmp_path):
+    with pytest.raises(BundleError, match="bundle not found"):
+        load_bundle(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(BundleError, match="JSON object"):
+        load_bundle(bad)
+
+
+def test_bundle_is_data_not_code(tmp_path):
+    """Strings are never evaluated: an expression stays a string and fails type checks."""
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"train": {"epochs": "__import__('os').system('true')"}}))
+    with pytest.raises(BundleError, match="train.epochs must be an integer"):
+        load_bundle(path)
+
+
+def test_resolved_bundle_round_trips_and_flattens():
+    b = load_bundle(BUNDLES[0])
+    again = bundle_from_dict(b.to_dict())
+    assert again == b
+    flat = flatten(b.to_dict())
+    assert flat["train.lr"] == b.train.lr and flat["data.spacing"] == b.data.spacing
