@@ -129,6 +129,92 @@ def _print_result(result) -> None:
 
 @app.command()
 @user_errors
+def infer(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="NIfTI file, DICOM series folder, or folder of NIfTI files.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output label map (one input) or folder (batch).")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory; default: the newest complete run under ./runs.")] = None,
+    device: DeviceOpt = "auto",
+    overlap: Annotated[float | None, typer.Option("--overlap", help="Window overlap (default: the bundle's).")] = None,
+    sw_batch_size: Annotated[int | None, typer.Option("--sw-batch-size", help="Windows per forward pass.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over mirrored inputs (8 flips).")] = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write a 4D probability map.")] = False,
+    preview: Annotated[bool, typer.Option("--preview", help="Also write an axial/coronal/sagittal overlay PNG.")] = False,
+    labels: Annotated[list[str] | None, typer.Option("--labels", help="Keep only these classes (repeatable).")] = None,
+    window: Annotated[str, typer.Option("--window", help="Sliding window: auto, monai or stream (memory-bounded).")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+) -> None:
+    """Segment a CT scan (or a folder of scans); the label map keeps the scan's own geometry."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rich.markup import escape
+
+    from medseg.data.io import case_name
+    from medseg.engine.infer import Predictor, list_inputs, output_paths, segment_file
+
+    if window not in ("auto", "monai", "stream"):
+        raise MedsegError(f"--window must be auto, monai or stream, got {window!r}")
+    inputs = list_inputs(input_path)
+    batch = len(inputs) > 1 or (input_path.is_dir() and inputs[0] != input_path)
+    if batch and output is not None and output.exists() and not output.is_dir():
+        raise MedsegError(f"-o {output}: a folder input needs an output folder")
+    targets = [(output / f"{case_name(p)}_seg.nii.gz" if batch else output) if output is not None else None for p in inputs]
+    if not force:  # refuse before any work, not after the first case
+        for path, target in zip(inputs, targets):
+            paths = output_paths(path, target)
+            wanted = ["labels", "json"] + (["probabilities"] if save_probabilities else []) + (["preview"] if preview else [])
+            taken = next((paths[k] for k in wanted if paths[k].exists()), None)
+            if taken is not None:
+                raise MedsegError(f"{taken} exists; pass --force to overwrite")
+    predictor = Predictor(run, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, method=window)
+    classes = ", ".join(list(predictor.names.values())[1:])
+    err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {classes})", soft_wrap=True, highlight=False)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as bar:
+        cases = bar.add_task("cases", total=len(inputs), visible=batch)
+        for path, target in zip(inputs, targets):
+            windows = bar.add_task(escape(path.name), total=None)
+            result = segment_file(predictor, path, target, force=force, save_probabilities=save_probabilities, preview=preview,
+                                  labels=labels, on_window=lambda i, n, t=windows: bar.update(t, completed=i, total=n))
+            bar.remove_task(windows)
+            bar.advance(cases)
+            seg = result["segmentation"]
+            volumes = ", ".join(f"{k} {v:.0f} ml" for k, v in seg.volume_ml.items())
+            line = f"{path.name} -> {result['paths']['labels']}  ({seg.method} window, {seg.seconds:.1f} s)  {volumes}"
+            out.print(escape(line), soft_wrap=True, highlight=False)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="Predicted label map, or a folder of them (X_seg.nii.gz matches X.nii.gz).")],
+    gt: Annotated[Path, typer.Argument(help="Ground-truth label map, or a folder of them.")],
+    labels: Annotated[Path | None, typer.Option("--labels", help="JSON value -> name (default: the prediction's sidecar).")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Prefix for .csv and .json (default: beside PRED).")] = None,
+) -> None:
+    """Per-class Dice, IoU, precision, recall, accuracy and HD95 (mm), printed and written as CSV/JSON."""
+    from rich.table import Table
+
+    from medseg.data.io import case_name
+    from medseg.engine.evaluate import METRICS, evaluate as run_evaluate, write_report
+
+    report = run_evaluate(pred, gt, labels)
+    table = Table(title=f"{len(report.cases)} case(s), mean over cases")
+    table.add_column("class")
+    for m in METRICS:
+        table.add_column(m, justify="right")
+    for name, values in report.mean.items():
+        table.add_row(name, *(f"{values[m]:.3f}" if values[m] == values[m] else "-" for m in METRICS))
+    s = report.summary
+    table.add_row("[bold]mean (foreground)[/bold]", *(f"{s['mean_' + m]:.3f}" if s["mean_" + m] == s["mean_" + m] else "-" for m in METRICS))
+    table.add_row("mean (with background)", *(f"{s[f'mean_{m}_with_background']:.3f}" if s[f"mean_{m}_with_background"] == s[f"mean_{m}_with_background"] else "-" for m in METRICS))
+    out.print(table)
+    prefix = output or (pred / "evaluation" if pred.is_dir() else pred.with_name(case_name(pred) + "_metrics"))
+    csv_path, json_path = write_report(report, prefix)
+    out.print(f"wrote {csv_path} and {json_path}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+@user_errors
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write imagesTr/, labelsTr/ and dataset.json into.")],
     cases: Annotated[int, typer.Option("--cases", "-n", min=1, help="Number of cases.")] = 8,
