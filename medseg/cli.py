@@ -144,9 +144,8 @@ def infer(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ) -> None:
     """Segment a CT scan (or a folder of scans); the label map keeps the scan's own geometry."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from medseg.data.io import case_name
     from medseg.engine.infer import Predictor, list_inputs, output_paths, segment_file
@@ -195,18 +194,22 @@ def evaluate(
     from rich.table import Table
 
     from medseg.data.io import case_name
-    from medseg.engine.evaluate import METRICS, evaluate as run_evaluate, write_report
+    from medseg.engine.evaluate import METRICS, write_report
+    from medseg.engine.evaluate import evaluate as run_evaluate
 
     report = run_evaluate(pred, gt, labels)
     table = Table(title=f"{len(report.cases)} case(s), mean over cases")
     table.add_column("class")
     for m in METRICS:
         table.add_column(m, justify="right")
+    def fmt(v: float) -> str:
+        return "-" if v != v else f"{v:.3f}"  # NaN: not defined for this class
+
     for name, values in report.mean.items():
-        table.add_row(name, *(f"{values[m]:.3f}" if values[m] == values[m] else "-" for m in METRICS))
+        table.add_row(name, *(fmt(values[m]) for m in METRICS))
     s = report.summary
-    table.add_row("[bold]mean (foreground)[/bold]", *(f"{s['mean_' + m]:.3f}" if s["mean_" + m] == s["mean_" + m] else "-" for m in METRICS))
-    table.add_row("mean (with background)", *(f"{s[f'mean_{m}_with_background']:.3f}" if s[f"mean_{m}_with_background"] == s[f"mean_{m}_with_background"] else "-" for m in METRICS))
+    table.add_row("[bold]mean (foreground)[/bold]", *(fmt(s[f"mean_{m}"]) for m in METRICS))
+    table.add_row("mean (with background)", *(fmt(s[f"mean_{m}_with_background"]) for m in METRICS))
     out.print(table)
     prefix = output or (pred / "evaluation" if pred.is_dir() else pred.with_name(case_name(pred) + "_metrics"))
     csv_path, json_path = write_report(report, prefix)

@@ -75,3 +75,30 @@ def tiny_case(seed: int = 0, shape=(40, 36, 20)) -> tuple[np.ndarray, np.ndarray
     label = ((x - 0.2) ** 2 + y**2 + z**2 < 0.15).astype(np.uint8)
     image[label == 1] = 150.0
     return image.astype(np.int16), label
+
+
+def write_dicom_series(img: nib.Nifti1Image, folder: Path) -> Path:
+    """Write a 3D NIfTI image as a DICOM CT series (one file per slice) with SimpleITK."""
+    import SimpleITK as sitk
+
+    from medseg.data.io import nifti_to_sitk
+
+    volume = nifti_to_sitk(img)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    uid = "1.2.826.0.1.3680043.2.1125.1"
+    direction = volume.GetDirection()
+    for z in range(volume.GetDepth()):
+        sl = volume[:, :, z]
+        tags = {
+            "0008|0060": "CT", "0020|000d": uid, "0020|000e": uid + ".1", "0020|0013": str(z + 1),
+            "0020|0032": "\\".join(str(v) for v in volume.TransformIndexToPhysicalPoint((0, 0, z))),
+            "0020|0037": "\\".join(str(v) for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
+            "0028|0030": f"{volume.GetSpacing()[1]}\\{volume.GetSpacing()[0]}", "0018|0050": str(volume.GetSpacing()[2]),
+        }
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(sl)
+    return folder

@@ -3,8 +3,9 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_dicom_series
 
-from medseg.data.io import check_3d, load_array, nifti_to_sitk, read_dicom_series, read_image, write_nifti
+from medseg.data.io import check_3d, load_array, read_dicom_series, read_image, write_nifti
 from medseg.data.phantom import make_case
 from medseg.errors import DataError
 
@@ -21,28 +22,9 @@ def test_nifti_round_trip_keeps_geometry(tmp_path):
 
 
 def test_dicom_series_reads_as_the_same_volume(tmp_path):
-    import SimpleITK as sitk
-
     case = make_case(seed=1, index=0)
     img = nib.Nifti1Image(np.asarray(case.image.dataobj)[::2, ::2, :12], case.image.affine @ np.diag([2, 2, 1, 1]))
-    volume = nifti_to_sitk(img)
-    folder = tmp_path / "series"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.1"
-    for z in range(volume.GetDepth()):
-        sl = volume[:, :, z]
-        for tag, value in {
-            "0008|0060": "CT", "0020|000d": uid, "0020|000e": uid + ".1", "0020|0013": str(z + 1),
-            "0020|0032": "\\".join(str(v) for v in volume.TransformIndexToPhysicalPoint((0, 0, z))),
-            "0020|0037": "\\".join(str(v) for v in volume.GetDirection()[:6:1][:3] + volume.GetDirection()[3:6]),
-            "0028|0030": f"{volume.GetSpacing()[1]}\\{volume.GetSpacing()[0]}", "0018|0050": str(volume.GetSpacing()[2]),
-        }.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
-        writer.Execute(sl)
-    back = read_dicom_series(folder)
+    back = read_dicom_series(write_dicom_series(img, tmp_path / "series"))
     np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(img.dataobj))
     np.testing.assert_allclose(back.affine, img.affine, atol=1e-3)
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from medseg.data.io import case_name, check_3d, is_nifti, load_array, read_image, spacing_of, write_text_atomic
@@ -101,7 +100,7 @@ def class_names(pred: Path, labels: Path | None, values: set[int]) -> dict[int, 
         meta = meta.get("labels", meta) if isinstance(meta, dict) else meta
         names = {int(k): str(v) for k, v in meta.items() if str(k).lstrip("-").isdigit()}
     names.setdefault(0, "background")
-    for v in sorted(values):
+    for v in sorted(int(v) for v in values):
         names.setdefault(v, f"class_{v}")
     return dict(sorted(names.items()))
 
@@ -172,6 +171,8 @@ def _json_safe(obj):
         return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj

@@ -158,10 +158,7 @@ class Predictor:
             lab_res[~np.isin(lab_res, keep)] = 0
 
         out = resample_nearest(lab_res, res_affine, img.shape[:3], img.affine)
-        label_img = nib.Nifti1Image(out, img.affine)
-        label_img.header.set_xyzt_units("mm")
-        label_img.set_qform(img.affine, code=1)
-        label_img.set_sform(img.affine, code=1)
+        label_img = _like(img, out)
         prob_img = None
         if probabilities:
             prob_res = np.zeros((n_classes, *full_shape), dtype=np.float32)
@@ -184,6 +181,18 @@ class Predictor:
         return [by_name[n] for n in labels]
 
 
+def _like(img: nib.Nifti1Image, data: np.ndarray) -> nib.Nifti1Image:
+    """A new image on ``img``'s grid: its header (qform/sform codes, units) with the new data type."""
+    header = img.header.copy() if isinstance(img.header, nib.Nifti1Header) else None
+    out = nib.Nifti1Image(data, img.affine, header=header)
+    out.header.set_data_dtype(data.dtype)
+    out.header.set_slope_inter(1.0, 0.0)
+    if header is None or header["sform_code"] == 0 and header["qform_code"] == 0:
+        out.set_sform(img.affine, code=1)
+        out.set_qform(img.affine, code=1)
+    return out
+
+
 def resample_nearest(labels: np.ndarray, src_affine: np.ndarray, shape, dst_affine: np.ndarray) -> np.ndarray:
     """Nearest-neighbour resampling of a label volume from one voxel grid to another through their
     affines (voxel -> mm); voxels outside the source become background."""
@@ -202,7 +211,7 @@ def _probabilities_image(prob_res: np.ndarray, res_affine: np.ndarray, img: nib.
     for c in range(prob_res.shape[0]):
         p = affine_transform(prob_res[c], matrix, output_shape=shape, order=1, mode="nearest")
         out[..., c] = np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
-    pimg = nib.Nifti1Image(out, img.affine)
+    pimg = _like(img, out)
     pimg.header.set_slope_inter(1 / 255, 0)
     return pimg
 
