@@ -98,9 +98,8 @@ def stream_sliding_window(
     remaining: dict[tuple[int, int, int], int] = {}
 
     def finish(key, acc, wsum) -> None:
-        nonlocal labels, probs
         region = tuple(slice(*axes[d].bounds[key[d]]) for d in range(3))
-        mean = acc / wsum
+        mean = acc.div_(wsum)  # in place, as MONAI's output /= count map
         labels[region] = mean.argmax(dim=0).to(labels.dtype)
         if logits_out is not None:
             logits_out[(slice(None), *region)] = mean
