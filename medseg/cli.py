@@ -6,43 +6,14 @@ can cause (:class:`~medseg.errors.MedsegError`) print as one line and exit with 
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from medseg import __version__
+from medseg.cli_common import DeviceOpt, SetOpt, TrackingOpt, app, err, out, user_errors
 from medseg.errors import MedsegError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="3D CT organ segmentation: train V-Net, UNETR, Swin UNETR and a 2D FCN from JSON bundles.")
-out = Console()
-err = Console(stderr=True)
-
-# Options shared between commands (fastapi-cli style).
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
-                                                  help="Override a bundle key, e.g. train.epochs=2 (repeatable; JSON values parsed).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-TrackingOpt = Annotated[str, typer.Option("--tracking", help="mlflow (default) or none.")]
-
-
-def user_errors(fn):
-    """Turn a MedsegError into one red line and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MedsegError as e:
-            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -254,6 +225,8 @@ def models() -> None:
         table.add_row(name, spec.display, f"{n / 1e6:.1f} M", constraint, spec.description)
     out.print(table)
 
+
+from medseg import cli_cost  # noqa: E402,F401  (registers flops and memory)
 
 if __name__ == "__main__":
     app()

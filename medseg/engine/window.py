@@ -14,6 +14,7 @@ tiles (about classes x roi x one face of the volume) instead of classes x volume
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -53,6 +54,33 @@ class _Axis:
         self.count = [sum(1 for s in set(starts) if a >= s and b <= s + roi) for a, b in self.bounds]
 
 
+def _tiling(spatial: Sequence[int], roi: Sequence[int], overlap: float):
+    windows = dense_patch_slices(tuple(spatial), tuple(roi), scan_interval(spatial, roi, overlap), return_slice=True)
+    axes = [_Axis(sorted({w[d].start for w in windows}), roi[d], spatial[d]) for d in range(3)]
+    return windows, axes
+
+
+def frontier_voxels(spatial: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """The most voxels held in open tiles at once while streaming ``spatial`` (padded to the ROI):
+    what the accumulators cost, times (classes + 1) x 4 bytes. Computed without allocating."""
+    spatial = tuple(max(s, r) for s, r in zip(spatial, roi))
+    windows, axes = _tiling(spatial, roi, overlap)
+    remaining: dict[tuple[int, int, int], int] = {}
+    live = peak = 0
+    for w in windows:
+        starts = [w[d].start for d in range(3)]
+        for key in itertools.product(*(axes[d].cover[starts[d]] for d in range(3))):
+            if key not in remaining:
+                remaining[key] = axes[0].count[key[0]] * axes[1].count[key[1]] * axes[2].count[key[2]]
+                live += math.prod(axes[d].bounds[key[d]][1] - axes[d].bounds[key[d]][0] for d in range(3))
+                peak = max(peak, live)
+            remaining[key] -= 1
+            if remaining[key] == 0:
+                del remaining[key]
+                live -= math.prod(axes[d].bounds[key[d]][1] - axes[d].bounds[key[d]][0] for d in range(3))
+    return peak
+
+
 @torch.no_grad()
 def stream_sliding_window(
     inputs: torch.Tensor,
@@ -87,9 +115,7 @@ def stream_sliding_window(
         inputs = F.pad(inputs, pad=pad, mode="constant", value=0.0)
     spatial = tuple(inputs.shape[2:])
 
-    interval = scan_interval(spatial, roi, overlap)
-    windows = dense_patch_slices(spatial, roi, interval, return_slice=True)
-    axes = [_Axis(sorted({w[d].start for w in windows}), roi[d], spatial[d]) for d in range(3)]
+    windows, axes = _tiling(spatial, roi, overlap)
     weight = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device="cpu", dtype=torch.float32)
 
     labels: torch.Tensor | None = None
