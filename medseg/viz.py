@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -54,10 +53,10 @@ def save_preview(image: nib.Nifti1Image, labels: nib.Nifti1Image, names: dict[in
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False, labelcolor="white")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
+    from medseg.data.io import temporary_beside
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_beside(path, ".png")
     try:
         fig.savefig(tmp, dpi=80, facecolor="black")
         os.replace(tmp, path)

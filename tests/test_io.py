@@ -1,4 +1,5 @@
 import gzip
+import os
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +20,9 @@ def test_nifti_round_trip_keeps_geometry(tmp_path):
     assert nib.aff2axcodes(back.affine) == ("L", "P", "S")
     np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(case.image.dataobj))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_dicom_series_reads_as_the_same_volume(tmp_path):

@@ -154,3 +154,16 @@ def test_unetr_learns_liver_on_real_ct(shared_data, workdir, cli):
     print("real CT liver Dice by epoch:", [round(v, 3) for v in liver])
     assert max(liver) > 0.5
     assert liver[-1] > liver[0]
+
+    # the inference check: the larger torso CT, segmented with this run, keeps its geometry
+    import nibabel as nib
+
+    torso = shared_data / "ct_torso_3mm.nii.gz"
+    seg_path = workdir / "torso_seg.nii.gz"
+    result = cli("infer", torso, "--run", run, "-o", seg_path, "--preview")
+    assert result.exit_code == 0, result.output
+    seg, src = nib.load(seg_path), nib.load(torso)
+    assert seg.shape == src.shape and (seg.affine == src.affine).all()
+    sidecar = json.loads((workdir / "torso_seg.json").read_text())
+    assert sidecar["volume_ml"]["liver"] > 100  # a liver-sized object was found
+    assert (workdir / "torso_seg.png").stat().st_size > 10_000

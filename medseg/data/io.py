@@ -129,13 +129,22 @@ def nifti_to_sitk(img: nib.Nifti1Image):
     return image
 
 
+def temporary_beside(path: Path, suffix: str) -> str:
+    """A new empty file next to ``path`` with the permissions a plain ``open()`` would give
+    (mkstemp's are 0600, which would make outputs unreadable to the user's group)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
 def write_nifti(img: nib.Nifti1Image, path: str | Path) -> Path:
     """Write atomically: a temporary file beside the target, renamed when complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = temporary_beside(path, ".nii.gz" if str(path).lower().endswith(".gz") else ".nii")
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)

@@ -10,6 +10,7 @@ shape, affine and orientation, whatever those are (LPS, oblique, 0.7x0.7x5 mm).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,11 +253,17 @@ def segment_file(predictor: Predictor, input_path: Path, output: Path | None = N
     existing = [str(paths[k]) for k in wanted if paths[k].exists()]
     if existing and not force:
         raise MedsegError(f"{existing[0]} exists; pass --force to overwrite")
+    folder = paths["labels"].parent
+    if folder.exists() and not os.access(folder, os.W_OK):  # refuse before the work, not after it
+        raise MedsegError(f"cannot write to {folder}: choose an output with -o")
     img = read_image(input_path)
     seg = predictor(img, labels=labels, probabilities=save_probabilities, on_window=on_window)
-    write_nifti(seg.labels, paths["labels"])
-    if seg.probabilities is not None:
-        write_nifti(seg.probabilities, paths["probabilities"])
+    try:
+        write_nifti(seg.labels, paths["labels"])
+        if seg.probabilities is not None:
+            write_nifti(seg.probabilities, paths["probabilities"])
+    except OSError as e:
+        raise MedsegError(f"cannot write {paths['labels']}: {e.strerror or e}") from None
     sidecar = {"labels": {str(k): v for k, v in seg.names.items()}, "volume_ml": seg.volume_ml,
                "run": str(predictor.run_dir.resolve()), "input": str(input_path.resolve()), "method": seg.method,
                "tta": predictor.tta, "overlap": predictor.overlap, "spacing_mm": list(spacing_of(img.affine)),
