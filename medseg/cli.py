@@ -138,6 +138,9 @@ def infer(
     predictor = Predictor(run, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, method=window)
     classes = ", ".join(list(predictor.names.values())[1:])
     err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {classes})", soft_wrap=True, highlight=False)
+    if predictor.info.get("status") != "complete":
+        err.print(f"[yellow]note:[/yellow] this run is {predictor.info.get('status')}, not complete; using its {predictor.run_dir.name} "
+                  "best checkpoint so far", soft_wrap=True, highlight=False)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err) as bar:
         cases = bar.add_task("cases", total=len(inputs), visible=batch)

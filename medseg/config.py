@@ -215,8 +215,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            hint = _closest(str(value), [str(a) for a in args]) if isinstance(value, str) else ""
-            raise BundleError(f"{path} must be one of {choices}, got {value!r}{hint if 'did you' in hint else ''}")
+            match = difflib.get_close_matches(value, [str(a) for a in args], n=1, cutoff=0.5) if isinstance(value, str) else []
+            hint = f"; did you mean {match[0]!r}?" if match else ""
+            raise BundleError(f"{path} must be one of {choices}, got {value!r}{hint}")
         return value
     if origin is list:
         if not isinstance(value, list):
