@@ -119,7 +119,7 @@ def infer(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from medseg.data.io import case_name
-    from medseg.engine.infer import Predictor, list_inputs, output_paths, segment_file
+    from medseg.engine.infer import Predictor, list_inputs, output_paths, refuse_overwrite, segment_file, wanted_outputs
 
     if window not in ("auto", "monai", "stream"):
         raise MedsegError(f"--window must be auto, monai or stream, got {window!r}")
@@ -130,11 +130,7 @@ def infer(
     targets = [(output / f"{case_name(p)}_seg.nii.gz" if batch else output) if output is not None else None for p in inputs]
     if not force:  # refuse before any work, not after the first case
         for path, target in zip(inputs, targets):
-            paths = output_paths(path, target)
-            wanted = ["labels", "json"] + (["probabilities"] if save_probabilities else []) + (["preview"] if preview else [])
-            taken = next((paths[k] for k in wanted if paths[k].exists()), None)
-            if taken is not None:
-                raise MedsegError(f"{taken} exists; pass --force to overwrite")
+            refuse_overwrite(output_paths(path, target), wanted_outputs(save_probabilities, preview))
     predictor = Predictor(run, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, method=window)
     classes = ", ".join(list(predictor.names.values())[1:])
     err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {classes})", soft_wrap=True, highlight=False)

@@ -244,15 +244,24 @@ def list_inputs(input_path: Path) -> list[Path]:
     return files if files else [input_path]  # no NIfTI: read it as a DICOM series
 
 
+def wanted_outputs(save_probabilities: bool, preview: bool) -> list[str]:
+    return ["labels", "json"] + (["probabilities"] if save_probabilities else []) + (["preview"] if preview else [])
+
+
+def refuse_overwrite(paths: dict[str, Path], wanted: list[str]) -> None:
+    taken = next((paths[k] for k in wanted if paths[k].exists()), None)
+    if taken is not None:
+        raise MedsegError(f"{taken} exists; pass --force to overwrite")
+
+
 def segment_file(predictor: Predictor, input_path: Path, output: Path | None = None, *, force: bool = False,
                  save_probabilities: bool = False, preview: bool = False, labels: list[str] | None = None,
                  on_window=None) -> dict[str, Any]:
     """Segment one scan and write its outputs atomically. Refuses to overwrite without ``force``."""
     paths = output_paths(input_path, output)
-    wanted = ["labels", "json"] + (["probabilities"] if save_probabilities else []) + (["preview"] if preview else [])
-    existing = [str(paths[k]) for k in wanted if paths[k].exists()]
-    if existing and not force:
-        raise MedsegError(f"{existing[0]} exists; pass --force to overwrite")
+    wanted = wanted_outputs(save_probabilities, preview)
+    if not force:
+        refuse_overwrite(paths, wanted)
     folder = paths["labels"].parent
     if folder.exists() and not os.access(folder, os.W_OK):  # refuse before the work, not after it
         raise MedsegError(f"cannot write to {folder}: choose an output with -o")
