@@ -92,6 +92,12 @@ def test_run_directory_describes_itself_and_resumes(workdir):
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
+    from medseg.errors import MedsegError
+
+    with pytest.raises(MedsegError, match="already trained 2 epochs"):
+        train(more, run_dir=run, resume=True, show_progress=False)
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"  # untouched by the refused resume
+
 
 def test_mlflow_run_is_logged_and_named(workdir, monkeypatch):
     import mlflow

@@ -103,10 +103,13 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     previous = None
     if resume:
         if run_dir is None:
-            raise MedsegError("--resume needs the run directory to continue (--run-dir or the RUN argument)")
+            raise MedsegError("--resume needs the run directory to continue (--run-dir)")
         previous = read_run(run_dir)
         if not (Path(run_dir) / "checkpoint.pt").is_file():
             raise MedsegError(f"{run_dir}: no checkpoint.pt to resume from")
+        done = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"]
+        if done >= t.epochs:  # before run.json is touched: a complete run must stay complete
+            raise MedsegError(f"{run_dir} already trained {done} epochs; raise train.epochs to continue")
     elif run_dir is not None and (Path(run_dir) / "run.json").exists():
         raise MedsegError(f"{run_dir} already holds a run; choose another --run-dir or pass --resume")
     set_determinism(seed=t.seed)
@@ -177,8 +180,6 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
                 scheduler.load_state_dict(ckpt["scheduler"])
             start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
             best, best_epoch = ckpt["best_dice"], ckpt["best_epoch"]
-            if start_epoch > t.epochs:
-                raise MedsegError(f"{run_dir} already trained {ckpt['epoch']} epochs; raise train.epochs to continue")
 
         if previous is not None and previous.get("tracking_run_id") and not isinstance(tracker, NullTracker):
             tracker.mlflow.start_run(run_id=previous["tracking_run_id"])
