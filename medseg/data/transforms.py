@@ -4,6 +4,7 @@ train: load -> channel first -> map label values -> RAS -> resample to ``data.sp
 to [0, 1] -> crop to the body -> pad to the ROI -> patch sampling (pos/neg or class balanced) ->
 light augmentation (flips, 90-degree rotations, intensity shift: the BTCV recipe).
 val: the same up to the crop; no sampling (validation uses the sliding window).
+inference: :func:`geometry_steps` on the scan held in memory (see ``engine/infer.py``).
 """
 
 from __future__ import annotations
@@ -52,22 +53,26 @@ class MapLabelsd(MapTransform):
         return d
 
 
-def preprocess(bundle: Bundle, lut: np.ndarray | None, keys=KEYS) -> list:
-    """The deterministic part shared by training, validation and (image only) inference."""
+def geometry_steps(bundle: Bundle, keys=KEYS) -> list:
+    """RAS, the bundle's spacing, the HU window: the one definition used by training, validation
+    and inference (which applies it to an in-memory image), so they cannot drift apart."""
     lo, hi = bundle.data.hu_window
-    has_label = "label" in keys
-    steps: list = [
-        LoadImaged(keys=list(keys), reader="NibabelReader", image_only=True),
-        EnsureChannelFirstd(keys=list(keys)),
-    ]
-    if has_label and lut is not None:
-        steps.append(MapLabelsd(keys="label", lut=lut))
-    steps += [
+    return [
         Orientationd(keys=list(keys), axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=list(keys), pixdim=bundle.data.spacing, mode=["bilinear", "nearest"][: len(keys)]),
         ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
     ]
-    return steps
+
+
+def preprocess(bundle: Bundle, lut: np.ndarray) -> list:
+    """Load image and label from files, map label values, then :func:`geometry_steps`."""
+    keys = list(KEYS)
+    return [
+        LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        MapLabelsd(keys="label", lut=lut),
+        *geometry_steps(bundle, keys),
+    ]
 
 
 def train_transforms(bundle: Bundle, lut: np.ndarray) -> Compose:

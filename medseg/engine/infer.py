@@ -63,9 +63,7 @@ class Predictor:
         from medseg.models import create_model
 
         self.run_dir = Path(run_dir) if run_dir is not None else latest_complete_run(runs_root)
-        self.info = read_run(self.run_dir)
-        if self.info.get("status") != "complete" and run_dir is None:
-            raise MedsegError(f"{self.run_dir}: run is {self.info.get('status')}, not complete")
+        self.info = read_run(self.run_dir)  # an explicit --run may be incomplete; the CLI says so
         try:
             self.bundle: Bundle = bundle_from_dict(json.loads((self.run_dir / "bundle.json").read_text()))
             self.names = {int(k): v for k, v in json.loads((self.run_dir / "labels.json").read_text()).items()}
@@ -113,17 +111,16 @@ class Predictor:
     def preprocess(self, img: nib.Nifti1Image, source: str = "image"):
         """Returns (preprocessed (1,1,X,Y,Z) tensor in RAS at the bundle spacing, its affine)."""
         from monai.data import MetaTensor
-        from monai.transforms import Orientation, ScaleIntensityRange, Spacing
+        from monai.transforms import Compose
+
+        from medseg.data.transforms import geometry_steps
 
         check_3d(img, source)
         data = load_array(img, source)
         if data.ndim == 4:
             data = data[..., 0]
-        b = self.bundle
         x = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.as_tensor(img.affine, dtype=torch.float64))
-        x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
-        x = Spacing(pixdim=b.data.spacing, mode="bilinear")(x)
-        x = ScaleIntensityRange(a_min=b.data.hu_window[0], a_max=b.data.hu_window[1], b_min=0.0, b_max=1.0, clip=True)(x)
+        x = Compose(geometry_steps(self.bundle, keys=("image",)))({"image": x})["image"]
         return x.as_tensor()[None].float(), np.asarray(x.affine, dtype=np.float64)
 
     @torch.no_grad()
