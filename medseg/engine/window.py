@@ -26,6 +26,11 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 MONAI_BUFFER_LIMIT = 512 * 2**20
 
 
+def label_dtype(n_classes: int) -> torch.dtype:
+    """uint8 up to 256 classes, else int32 (torch has no uint16 arithmetic); files store uint16."""
+    return torch.uint8 if n_classes <= 256 else torch.int32
+
+
 def scan_interval(image_size: Sequence[int], roi: Sequence[int], overlap: float) -> tuple[int, ...]:
     """MONAI's rule: ``int(roi * (1 - overlap))`` (at least 1), or the ROI when it equals the image."""
     return tuple(r if r == s else max(1, int(r * (1 - overlap))) for s, r in zip(image_size, roi))
@@ -138,7 +143,7 @@ def stream_sliding_window(
         logits = predictor(x).to("cpu", torch.float32)
         if labels is None:
             n_classes = logits.shape[1]
-            labels = torch.zeros(spatial, dtype=torch.uint8 if n_classes <= 256 else torch.int16 if n_classes <= 32767 else torch.int32)
+            labels = torch.zeros(spatial, dtype=label_dtype(n_classes))
             if return_probabilities:
                 probs = torch.zeros((n_classes, *spatial), dtype=torch.float16)
         for w, out in zip(batch, logits):
@@ -180,6 +185,6 @@ def monai_sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap=0.2
                                       sw_device=device, device="cpu")
     logits = logits[0].float()
     n_classes = logits.shape[0]
-    labels = logits.argmax(dim=0).to(torch.uint8 if n_classes <= 256 else torch.int16)
+    labels = logits.argmax(dim=0).to(label_dtype(n_classes))
     probs = torch.softmax(logits, dim=0).to(torch.float16) if return_probabilities else None
     return labels, probs
