@@ -200,29 +200,11 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
         progress = TrainProgress(console, t.epochs, iters, len(val_cases), enabled=show_progress, first_epoch=start_epoch)
         with progress:
             for epoch in range(start_epoch, t.epochs + 1):
-                model.train()
-                t0, losses = time.time(), []
-                batches = _cycle(train_loader)
-                for _ in range(iters):
-                    batch = next(batches)
-                    x, y = batch["image"].to(dev), batch["label"].to(dev)
-                    optimizer.zero_grad(set_to_none=True)
-                    with amp_ctx():
-                        loss = loss_fn(model(x), y)
-                    if not torch.isfinite(loss):
-                        raise MedsegError(f"epoch {epoch}: the loss became {loss.item()} (lower train.lr, or check the data)")
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                    if scheduler is not None:
-                        scheduler.step()
-                    step += 1
-                    losses.append(loss.item())
-                    progress.advance_train(epoch, losses[-1])
+                t0 = time.time()
+                losses = train_epoch(model=model, loader=train_loader, iterations=iters, loss_fn=loss_fn, optimizer=optimizer,
+                                     scheduler=scheduler, scaler=scaler, autocast=amp_ctx, device=dev,
+                                     on_step=lambda loss, e=epoch: progress.advance_train(e, loss))
+                step += len(losses)
                 row: dict[str, Any] = {"epoch": epoch, "train_loss": sum(losses) / len(losses),
                                        "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": round(time.time() - t0, 2)}
                 metrics = {"train_loss": row["train_loss"], "lr": row["lr"]}
@@ -257,6 +239,33 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
         tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     return TrainResult(run_dir, name, best, best_epoch, history, tracker.run_id)
+
+
+def train_epoch(*, model, loader, iterations: int, loss_fn, optimizer, scheduler, scaler, autocast, device, on_step) -> list[float]:
+    """``iterations`` optimiser steps over ``loader`` (restarted as often as needed); the losses."""
+    model.train()
+    losses: list[float] = []
+    batches = _cycle(loader)
+    for _ in range(iterations):
+        batch = next(batches)
+        x, y = batch["image"].to(device), batch["label"].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise MedsegError(f"the loss became {loss.item()} after {len(losses)} steps of this epoch (lower train.lr, or check the data)")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+        on_step(losses[-1])
+    return losses
 
 
 def _cycle(loader):
