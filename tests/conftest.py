@@ -77,28 +77,45 @@ def tiny_case(seed: int = 0, shape=(40, 36, 20)) -> tuple[np.ndarray, np.ndarray
     return image.astype(np.int16), label
 
 
-def write_dicom_series(img: nib.Nifti1Image, folder: Path) -> Path:
-    """Write a 3D NIfTI image as a DICOM CT series (one file per slice) with SimpleITK."""
-    import SimpleITK as sitk
+def write_dicom_series(img: nib.Nifti1Image, folder: Path, *, series_uid: str | None = None, description: str = "",
+                       prefix: str = "slice", slope: float = 1.0, intercept: float = -1024.0) -> Path:
+    """Write a 3D NIfTI image as a DICOM CT series (CT Image Storage, one int16 file per slice) with
+    pydicom, not with medseg, so that reading it back with medseg is a real check. The tags follow
+    the standard: ImagePositionPatient of slice k is the LPS position of voxel (0, 0, k);
+    ImageOrientationPatient holds the LPS directions of the voxel x axis (along a row) and y axis (down
+    a column); PixelSpacing is [row spacing (y), column spacing (x)]; stored = (HU - intercept) / slope."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.valuerep import DSfloat
 
-    from medseg.data.io import nifti_to_sitk
+    def ds_values(values) -> list:
+        return [DSfloat(float(v), auto_format=True) for v in values]
 
-    volume = nifti_to_sitk(img)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    sx, sy, sz = np.linalg.norm(lps[:3, :3], axis=0)
+    stored = np.rint((np.asarray(img.dataobj, dtype=np.float64) - intercept) / slope)
+    if stored.min() < -32768 or stored.max() > 32767:
+        raise ValueError("values do not fit int16 with this slope/intercept")
+    series_uid = series_uid or generate_uid()
+    study_uid, frame_uid = generate_uid(), generate_uid()
     folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.1"
-    direction = volume.GetDirection()
-    for z in range(volume.GetDepth()):
-        sl = volume[:, :, z]
-        tags = {
-            "0008|0060": "CT", "0020|000d": uid, "0020|000e": uid + ".1", "0020|0013": str(z + 1),
-            "0020|0032": "\\".join(str(v) for v in volume.TransformIndexToPhysicalPoint((0, 0, z))),
-            "0020|0037": "\\".join(str(v) for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
-            "0028|0030": f"{volume.GetSpacing()[1]}\\{volume.GetSpacing()[0]}", "0018|0050": str(volume.GetSpacing()[2]),
-        }
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
-        writer.Execute(sl)
+    for k in range(img.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.PatientName = "CT", "medseg-test", "Test^Phantom"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 1, k + 1, description
+        ds.ImagePositionPatient = ds_values(lps[:3, :3] @ [0, 0, k] + lps[:3, 3])
+        ds.ImageOrientationPatient = ds_values([*(lps[:3, 0] / sx), *(lps[:3, 1] / sy)])
+        ds.PixelSpacing, ds.SliceThickness = ds_values([sy, sx]), DSfloat(float(sz), auto_format=True)
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = DSfloat(slope, auto_format=True), DSfloat(intercept, auto_format=True), "HU"
+        ds.Rows, ds.Columns = img.shape[1], img.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).astype("<i2").tobytes()  # rows (y) x columns (x)
+        ds.save_as(folder / f"{prefix}{k:03d}.dcm", enforce_file_format=True)
     return folder

@@ -59,6 +59,78 @@ def test_identity_labels_reject_unknown_values(tmp_path):
         prepare(DataConfig(source=str(tmp_path)), ["blob"])
 
 
+def test_values_sharing_a_name_all_map_to_that_class():
+    """nnU-Net/TotalSegmentator-style sources can give one name to several values: none may be lost."""
+    source = read_source_labels({"1": "kidney", "2": "kidney", "3": "liver", "4": "kidney", "5": "spleen"})
+    lut = build_lut(["kidney", "liver"], source)
+    np.testing.assert_array_equal(apply_lut(np.arange(6), lut), [0, 1, 1, 2, 1, 0])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"-1": "liver", "1": "spleen"}, "label value -1 \\('liver'\\) is out of range: values are 0 to 65535"),
+    ({"liver": -2}, "label value -2 \\('liver'\\) is out of range"),
+    ({"1": "liver", "1000000000000": "spleen"}, "label value 1000000000000 \\('spleen'\\) is out of range"),
+    ({"1": "liver", "liver2": 1}, "label value 1 is listed twice \\('liver' and 'liver2'\\)"),
+])
+def test_source_values_out_of_range_or_repeated_are_refused(spec, message):
+    """A negative key indexed the lookup table from its end (-1 took the last entry's class); a huge
+    one asked for a table of that size (MemoryError)."""
+    with pytest.raises(BundleError, match=f"^data.source_labels: {message}"):
+        build_lut(["liver", "spleen"], read_source_labels(spec))
+
+
+def test_unlisted_label_values_fail_whatever_their_size(tmp_path):
+    """Values the source does not list have no stated meaning: 3 here is below the largest listed
+    value (5), which the old check let through as background."""
+    img, lab = tiny_case()
+    lab[0, 0, 0] = 3
+    write_case(tmp_path, "a", img, lab)
+    cfg = DataConfig(source=str(tmp_path), source_labels={"1": "blob", "5": "other"})
+    label_path = tmp_path / "labelsTr" / "a.nii.gz"
+    with pytest.raises(DataError, match=f"^{label_path}: label value 3 is not in the source's labels; they list 0 and 2 values up to 5"):
+        prepare(cfg, ["blob"])
+    lab[0, 0, 0] = 5
+    write_case(tmp_path, "a", img, lab)
+    assert prepare(cfg, ["blob"])[1][5] == 0  # listed but not wanted: background, as documented
+    lab[0, 0, 0], lab[0, 0, 1] = 2, 9  # identity mapping for labels [blob, other]: 0..2 are known
+    write_case(tmp_path, "a", img, lab)
+    with pytest.raises(DataError, match=r"label value 9 is not in the source's labels; they list 0..2"):
+        prepare(DataConfig(source=str(tmp_path)), ["blob", "other"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00\x01binary\x80\x81", "not UTF-8 text"),
+    (b"[1, 2]", "expected a non-empty mapping of label value to name, got list '\\[1, 2\\]'"),
+    (b"5", "expected a non-empty mapping of label value to name, got int '5'"),
+    (b"{}", "got an empty mapping"),
+    (b'{"1": {"name": "liver"}}', "entry '1': {'name': 'liver'} is not a label value and its name"),
+    (b'{"1": 5}', "entry '1': 5 is not a label value and its name"),
+    (b'{"liver": [1, 2]}', "entry 'liver': \\[1, 2\\] is not a label value and its name"),
+    (b'{"liver": 1.5}', "entry 'liver': 1.5 is not"),
+    (b'{"1": "liver", "1": "spleen"}', "the key '1' appears twice"),
+    (b'{"0": "background"}', "lists only background"),
+    (b'{"1": "liver"', "not valid JSON"),
+    (b"[" * 100000, "nested too deeply|not valid JSON"),
+])
+def test_malformed_source_labels_file_is_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "labels.json"
+    path.write_bytes(content)
+    with pytest.raises(BundleError, match=f"^data.source_labels \\({path}\\): .*({message})") as err:
+        read_source_labels(str(path))
+    assert "\n" not in str(err.value)
+    with pytest.raises(BundleError, match="data.source_labels"):  # the same through the bundle key
+        resolve_source(DataConfig(source=str(tmp_path), source_labels=str(path)))
+
+
+def test_malformed_dataset_json_is_one_line(tmp_path):
+    for content, message in ((b"\xff\xfe binary", "cannot read dataset.json"), (b"[1]", "must be a JSON object"),
+                             (b'{"training": [{"image": 1, "label": 2}]}', "needs 'image' and 'label' paths"),
+                             (b'{"labels": {"1": ["x"]}, "training": []}', "labels: entry '1'")):
+        (tmp_path / "dataset.json").write_bytes(content)
+        with pytest.raises((DataError, BundleError), match=f"^{tmp_path / 'dataset.json'}: .*{message}"):
+            resolve_source(DataConfig(source=str(tmp_path / "dataset.json")))
+
+
 @pytest.mark.parametrize("problem, message", [
     ("shape", "image shape (40, 36, 20) != label shape (40, 36, 19)"),
     ("affine", "different affines"),

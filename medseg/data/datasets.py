@@ -20,7 +20,7 @@ import numpy as np
 
 from medseg.config import DataConfig
 from medseg.data.io import case_name, check_3d, is_nifti, load_array, read_image, same_geometry, spacing_of
-from medseg.data.labels import build_lut, check_label_values, read_source_labels
+from medseg.data.labels import build_lut, check_label_values, known_values, read_source_labels
 from medseg.errors import DataError
 
 
@@ -43,8 +43,8 @@ class Datalist:
 
 
 def resolve_source(cfg: DataConfig, progress=None) -> Datalist:
-    """``progress(i, n)`` is told about phantom cases as they are written."""
-    """Find the cases of ``cfg.source`` and the meaning of their label values."""
+    """Find the cases of ``cfg.source`` and the meaning of their label values.
+    ``progress(i, n)`` is told about phantom cases as they are written."""
     if cfg.source == "phantom":
         from medseg.data.phantom import phantom_cache_dir, write_phantom
 
@@ -117,23 +117,29 @@ def _label_for(folder: Path, name: str) -> Path | None:
 
 def _from_dataset_json(path: Path) -> Datalist:
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read dataset.json ({e})") from None
+        meta = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or not JSON
+        raise DataError(f"{path}: cannot read dataset.json ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: a dataset.json must be a JSON object, not a {type(meta).__name__}")
     root = path.parent
     cases = []
-    for entry in meta.get("training", []) or []:
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise DataError(f"{path}: every 'training' entry needs 'image' and 'label'")
+    training = meta.get("training") or []
+    if not isinstance(training, list):
+        raise DataError(f"{path}: 'training' must be a list of {{\"image\": ..., \"label\": ...}} entries")
+    for entry in training:
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(entry.get("label"), str):
+            raise DataError(f"{path}: every 'training' entry needs 'image' and 'label' paths")
         image, label = (root / entry["image"]).resolve(), (root / entry["label"]).resolve()
         cases.append(Case(case_name(image), str(image), str(label)))
-    labels = read_source_labels(meta["labels"]) if isinstance(meta.get("labels"), dict) else None
+    labels = read_source_labels(meta["labels"], what=f"{path}: labels") if isinstance(meta.get("labels"), dict) else None
     return Datalist(cases, labels, root)
 
 
-def validate_cases(cases: list[Case], lut: np.ndarray, progress=None) -> list[str]:
-    """Read every case once: 3D, finite, image and label on the same grid, known label values.
-    Returns warnings (cases with none of the wanted classes)."""
+def validate_cases(cases: list[Case], lut: np.ndarray, progress=None, *, known: np.ndarray) -> list[str]:
+    """Read every case once: 3D, finite, image and label on the same grid, label values among
+    ``known`` (see :func:`~medseg.data.labels.known_values`). Returns warnings (cases with none of
+    the wanted classes)."""
     warnings = []
     for i, case in enumerate(cases):
         img = read_image(case.image)
@@ -146,7 +152,7 @@ def validate_cases(cases: list[Case], lut: np.ndarray, progress=None) -> list[st
             raise DataError(f"case {case.name}: image and label maps have different affines (geometry)")
         load_array(img, case.image)
         label = load_array(lab, case.label, dtype=np.float64)
-        check_label_values(label, lut, case.label)
+        check_label_values(label, case.label, known=known)
         if not lut[label.astype(np.int64)].any():
             warnings.append(f"case {case.name}: none of the requested classes is present")
         if progress is not None:
@@ -174,7 +180,7 @@ def prepare(cfg: DataConfig, labels: list[str], progress=None) -> tuple[Datalist
     tell = (lambda stage: (lambda i, n: progress(stage, i, n))) if progress else (lambda stage: None)
     found = resolve_source(cfg, tell("phantom"))
     lut = build_lut(labels, found.source_labels)
-    notes = validate_cases(found.cases, lut, tell("check"))
+    notes = validate_cases(found.cases, lut, tell("check"), known=known_values(labels, found.source_labels))
     train, val, note = split(found.cases, cfg.val_fraction, cfg.split_seed)
     if note:
         notes.append(note)
