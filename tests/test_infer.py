@@ -1,5 +1,8 @@
-"""medseg infer: geometry kept exactly, streaming window == MONAI, DICOM and batch inputs, bad input."""
+"""medseg infer: geometry kept exactly, labels = argmax of the saved probabilities, the run's own
+model and AMP rule, DICOM and batch inputs, and bad input (one line, nothing written)."""
 
+import contextlib
+import fcntl
 import json
 from pathlib import Path
 
@@ -16,37 +19,51 @@ from medseg.engine.infer import Predictor, resample_nearest
 from medseg.engine.window import stream_sliding_window
 
 LEVEL = 0.95  # windowed intensity above which the test model says "bright" (HU ~229 with -175..250)
+RUN_NAME = "Threshold-AdamW-DiceCE-20261121-1200-run01"
 
 
 class Threshold(nn.Module):
     """A test network whose answer is known in any geometry: class 1 where the (windowed) intensity
-    exceeds LEVEL. Its one parameter lets it round-trip through a state dict."""
+    exceeds LEVEL. Its one parameter lets it round-trip through a state dict (a negative scale
+    inverts the answer: how the tests tell one checkpoint from another)."""
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 2) -> None:
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, scale: float = 50.0) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(50.0))
+        self.scale = nn.Parameter(torch.tensor(scale))
 
     def forward(self, x):
         fg = self.scale * (x - LEVEL)
         return torch.cat([-fg, fg], dim=1)
 
 
-@pytest.fixture
-def threshold_run(tmp_path):
+def register_threshold() -> None:
     from medseg.models import registry
 
-    registry.register_model("threshold_test", display="Threshold", network=Threshold, roi_multiple=(1, 1, 1),
-                            description="test only")(lambda in_channels, out_channels, roi, grad_checkpointing=False: Threshold())
-    run = tmp_path / "runs" / "Threshold-AdamW-DiceCE-20261121-1200-run01"
+    if "threshold_test" not in registry._REGISTRY:
+        registry.register_model("threshold_test", display="Threshold", network=Threshold, roi_multiple=(1, 1, 1),
+                                description="test only")(lambda in_channels, out_channels, roi, grad_checkpointing=False: Threshold())
+
+
+def make_threshold_run(root: Path, spacing=(2.0, 2.0, 2.5)) -> Path:
+    """A complete run directory of the threshold model under ``root``."""
+    register_threshold()
+    run = root / RUN_NAME
     run.mkdir(parents=True)
-    bundle = {"model": {"name": "threshold_test", "args": {}}, "data": {"labels": ["bright"], "spacing": [2.0, 2.0, 2.5]},
+    bundle = {"model": {"name": "threshold_test", "args": {}}, "data": {"labels": ["bright"], "spacing": list(spacing)},
               "train": {"roi": [32, 32, 16]}, "sliding_window": {"overlap": 0.25, "sw_batch_size": 4}}
     (run / "bundle.json").write_text(json.dumps(bundle))
     (run / "labels.json").write_text(json.dumps({"0": "background", "1": "bright"}))
     (run / "run.json").write_text(json.dumps({"format_version": RUN_FORMAT_VERSION, "status": "complete", "name": run.name,
                                               "finished": "2026-11-21T12:00:00"}))
     torch.save(Threshold().state_dict(), run / "model_best.pt")
-    yield run
+    return run
+
+
+@pytest.fixture
+def threshold_run(tmp_path):
+    from medseg.models import registry
+
+    yield make_threshold_run(tmp_path / "runs")
     registry._REGISTRY.pop("threshold_test", None)
 
 
@@ -63,14 +80,29 @@ def reoriented(img: nib.Nifti1Image, codes) -> nib.Nifti1Image:
     return img.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.orientations.axcodes2ornt(codes)))
 
 
-def test_geometry_round_trips_for_ras_las_lps(threshold_run):
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def files_under(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry and consistency
+
+
+@pytest.mark.parametrize("resample", ["linear", "nearest"])
+def test_geometry_round_trips_for_ras_las_lps(threshold_run, resample):
     ras = make_case(seed=2, index=0).image
     assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
-    predictor = Predictor(threshold_run, device="cpu")
+    predictor = Predictor(threshold_run, device="cpu", resample=resample)
     results = {}
     for codes in [("R", "A", "S"), ("L", "A", "S"), ("L", "P", "S")]:
         img = reoriented(ras, codes)
-        seg = predictor(img).labels
+        seg = predictor(img)
+        assert seg.resample == resample
+        seg = seg.labels
         assert seg.shape == img.shape
         np.testing.assert_array_equal(seg.affine, img.affine)
         assert nib.aff2axcodes(seg.affine) == codes and seg.get_data_dtype() == np.uint8
@@ -95,15 +127,19 @@ def world_volume(shape, affine) -> nib.Nifti1Image:
     return nib.Nifti1Image(hu.astype(np.int16), affine)
 
 
-def test_geometry_for_thick_slices_and_oblique_affines(threshold_run):
-    predictor = Predictor(threshold_run, device="cpu")
+def oblique_cases():
     angle = np.deg2rad(20)
     rot = np.array([[np.cos(angle), -np.sin(angle), 0, 0], [np.sin(angle), np.cos(angle), 0.1, 0], [0, -0.1, 1, 0], [0, 0, 0, 1]])
     thick = np.diag([0.7, 0.7, 5.0, 1.0])
     thick[:3, 3] = [-105, -95, -45]
     oblique = rot @ np.diag([1.5, -1.5, 3.0, 1.0])
     oblique[:3, 3] = [-110, 100, -45]
-    for affine, shape in ((thick, (300, 270, 19)), (oblique, (150, 135, 32))):
+    return [(thick, (300, 270, 19)), (oblique, (150, 135, 32))]
+
+
+def test_geometry_for_thick_slices_and_oblique_affines(threshold_run):
+    predictor = Predictor(threshold_run, device="cpu")
+    for affine, shape in oblique_cases():
         img = world_volume(shape, affine)
         seg = predictor(img).labels
         assert seg.shape == img.shape
@@ -112,6 +148,69 @@ def test_geometry_for_thick_slices_and_oblique_affines(threshold_run):
         assert ref.sum() > 1000
         assert dice(out, ref) > 0.9
         assert max(dice(out[::-1], ref), dice(np.roll(out, 4, axis=2), ref)) < 0.75  # the bar tells right from wrong
+
+
+@pytest.mark.parametrize("resample", ["linear", "nearest"])
+def test_labels_are_an_argmax_of_the_saved_probabilities(threshold_run, tmp_path, cli, resample):
+    """Read back from the files: on every voxel the saved label's probability is the largest
+    (uint8 rounding may tie). The old code resampled labels nearest and probabilities linearly."""
+    affine, shape = oblique_cases()[1]
+    nib.save(world_volume(shape, affine), tmp_path / "obl.nii.gz")
+    result = cli("infer", tmp_path / "obl.nii.gz", "--run", threshold_run, "--save-probabilities", "--resample", resample)
+    assert result.exit_code == 0, result.output
+    labels = np.asarray(nib.load(tmp_path / "obl_seg.nii.gz").dataobj)
+    probs = nib.load(tmp_path / "obl_probabilities.nii.gz")
+    stored = np.asarray(probs.dataobj.get_unscaled())
+    assert stored.dtype == np.uint8 and probs.shape == (*shape, 2)
+    assert np.allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=0.01)
+    at_label = np.take_along_axis(stored, labels[..., None].astype(np.int64), axis=-1)[..., 0]
+    assert (at_label >= stored.max(axis=-1)).all()
+    assert 0.01 < (labels == 1).mean() < 0.5  # both classes present: the check is not vacuous
+    assert json.loads((tmp_path / "obl_seg.json").read_text())["resample"] == resample
+
+
+def test_probabilities_hold_no_float32_classes_x_volume_array(tmp_path):
+    """--save-probabilities used to allocate a float32 classes x volume array (plus float32 copies
+    per class); now the host arrays are the uint8 output and slabs. tracemalloc sees every numpy
+    allocation (torch's float16 model-grid buffer is allowed and not counted)."""
+    import tracemalloc
+
+    from medseg.models import registry
+
+    n_classes = 24
+
+    class Many(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.linspace(-3, 3, n_classes))
+
+        def forward(self, x):
+            return self.w.view(1, -1, 1, 1, 1) * x
+
+    registry.register_model("many_test", display="Many", network=Many, roi_multiple=(1, 1, 1),
+                            description="test only")(lambda in_channels, out_channels, roi, grad_checkpointing=False: Many())
+    try:
+        run = make_threshold_run(tmp_path / "runs", spacing=(2.0, 2.0, 2.0))
+        bundle = json.loads((run / "bundle.json").read_text())
+        bundle["model"]["name"] = "many_test"
+        bundle["data"]["labels"] = [f"c{i}" for i in range(1, n_classes)]
+        (run / "bundle.json").write_text(json.dumps(bundle))
+        (run / "labels.json").write_text(json.dumps({"0": "background", **{str(i): f"c{i}" for i in range(1, n_classes)}}))
+        torch.save(Many().state_dict(), run / "model_best.pt")
+        predictor = Predictor(run, device="cpu", method="stream")
+        shape = (64, 64, 48)
+        rng = np.random.default_rng(0)
+        img = nib.Nifti1Image(rng.integers(-100, 250, shape).astype(np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+        float32_volume = n_classes * np.prod(shape) * 4
+        tracemalloc.start()
+        seg = predictor(img, probabilities=True)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        registry._REGISTRY.pop("many_test", None)
+    assert seg.probabilities.shape == (*shape, n_classes) and seg.probabilities.get_data_dtype() == np.uint8
+    print(f"numpy peak {peak / 2**20:.1f} MiB; one float32 classes x volume {float32_volume / 2**20:.1f} MiB")
+    assert peak < 0.6 * float32_volume
 
 
 def test_resample_nearest_identity_and_flip():
@@ -151,6 +250,66 @@ def test_streaming_and_monai_agree_inside_the_predictor(threshold_run):
     assert (np.asarray(a.labels.dataobj) == np.asarray(b.labels.dataobj)).mean() >= 0.999
 
 
+# ---------------------------------------------------------------------------------------------
+# the run: checkpoint, status, mixed precision
+
+
+def test_checkpoint_last_and_sidecar(threshold_run, tmp_path, cli):
+    """--checkpoint last loads the model in checkpoint.pt (here an inverted threshold); the sidecar
+    says which run, status, checkpoint, model, version and resampling made the labels."""
+    torch.save({"model": Threshold(scale=-50.0).state_dict(), "optimizer": {}, "epoch": 3}, threshold_run / "checkpoint.pt")
+    img = make_case(seed=3, index=0).image
+    nib.save(img, tmp_path / "a.nii.gz")
+    best = cli("infer", tmp_path / "a.nii.gz", "--run", threshold_run, "-o", tmp_path / "best_seg.nii.gz")
+    last = cli("infer", tmp_path / "a.nii.gz", "--run", threshold_run, "-o", tmp_path / "last_seg.nii.gz", "--checkpoint", "last")
+    assert best.exit_code == 0 and last.exit_code == 0, best.output + last.output
+    b = np.asarray(nib.load(tmp_path / "best_seg.nii.gz").dataobj)
+    la = np.asarray(nib.load(tmp_path / "last_seg.nii.gz").dataobj)
+    assert dice(b, direct_threshold(img)) > 0.9 and dice(la, direct_threshold(img)) < 0.1
+    sidecar = json.loads((tmp_path / "last_seg.json").read_text())
+    from medseg import __version__
+
+    assert sidecar["labels"] == {"0": "background", "1": "bright"} and "volume_ml" in sidecar
+    assert (sidecar["run_name"], sidecar["run_status"], sidecar["checkpoint"], sidecar["model"]) == (RUN_NAME, "complete", "last", "threshold_test")
+    assert sidecar["medseg_version"] == __version__ and sidecar["resample"] == "linear"
+    assert "dicom_series_uid" not in sidecar
+    bad = cli("infer", tmp_path / "a.nii.gz", "--run", threshold_run, "--checkpoint", "newest")
+    assert bad.exit_code == 2 and "--checkpoint must be best or last" in error_lines(bad.output)[0]
+
+
+def test_killed_run_is_noted(threshold_run, tmp_path, cli):
+    info = json.loads((threshold_run / "run.json").read_text())
+    (threshold_run / "run.json").write_text(json.dumps({**info, "status": "running", "pid": 999999}))
+    nib.save(make_case(seed=3, index=0).image, tmp_path / "a.nii.gz")
+    result = cli("infer", tmp_path / "a.nii.gz", "--run", threshold_run)
+    assert result.exit_code == 0, result.output
+    assert "note: this run is killed, not complete; using its best checkpoint" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "a_seg.json").read_text())["run_status"] == "killed"
+
+
+def test_mixed_precision_follows_the_device_rule(threshold_run, monkeypatch):
+    """Inference asks medseg.engine.device for the AMP mode (it used to hard-code bf16) and runs the
+    network inside that autocast."""
+    from medseg.engine import device
+
+    seen = {"modes": [], "entered": 0}
+
+    @contextlib.contextmanager
+    def recording():
+        seen["entered"] += 1
+        yield
+
+    monkeypatch.setattr(device, "amp_mode", lambda enabled, dev: "fp16" if enabled else "off")
+    monkeypatch.setattr(device, "autocast", lambda mode, dev: seen["modes"].append(mode) or recording)
+    predictor = Predictor(threshold_run, device="cpu")
+    predictor(make_case(seed=3, index=0).image)
+    assert predictor.amp == "fp16" and seen["modes"] == ["fp16"] and seen["entered"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
 def test_cli_single_file_dicom_and_batch(threshold_run, tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ./runs holds the threshold run: found without --run
     data = tmp_path / "scans"
@@ -161,7 +320,7 @@ def test_cli_single_file_dicom_and_batch(threshold_run, tmp_path, cli, monkeypat
 
     result = cli("infer", data / "a.nii.gz", "--preview", "--save-probabilities")
     assert result.exit_code == 0, result.output
-    assert "Threshold-AdamW-DiceCE-20261121-1200-run01" in result.output  # says which run it used
+    assert RUN_NAME in result.output  # says which run it used
     seg = nib.load(data / "a_seg.nii.gz")
     assert seg.shape == case.shape and np.allclose(seg.affine, case.affine)
     sidecar = json.loads((data / "a_seg.json").read_text())
@@ -171,6 +330,7 @@ def test_cli_single_file_dicom_and_batch(threshold_run, tmp_path, cli, monkeypat
     assert probs.shape == (*case.shape, 2)
     p = np.asarray(probs.dataobj)
     assert np.allclose(p.sum(axis=-1), 1.0, atol=0.02)
+    assert not [p for p in data.iterdir() if p.name.startswith(".")], "no lock or temporary file left"
 
     again = cli("infer", data / "a.nii.gz")
     assert again.exit_code == 2 and "exists; pass --force" in again.output
@@ -178,6 +338,7 @@ def test_cli_single_file_dicom_and_batch(threshold_run, tmp_path, cli, monkeypat
     batch = cli("infer", data, "-o", tmp_path / "out")
     assert batch.exit_code == 0, batch.output
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a_seg.nii.gz", "b_seg.nii.gz"]
+    assert "2 of 2 scans segmented" in batch.output
     b_seg = nib.load(tmp_path / "out" / "b_seg.nii.gz")
     assert nib.aff2axcodes(b_seg.affine) == ("L", "P", "S")
 
@@ -191,6 +352,52 @@ def test_cli_single_file_dicom_and_batch(threshold_run, tmp_path, cli, monkeypat
     ref = read_dicom_series(series)
     assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine, atol=1e-4)
     assert dice(np.asarray(seg.dataobj), direct_threshold(ref)) > 0.85
+    assert json.loads((tmp_path / "dicom" / "ct_series_seg.json").read_text())["dicom_series_uid"] == ref.extra["dicom"]["series_uid"]
+
+
+def test_series_picks_one_of_several_and_notes_it(threshold_run, tmp_path, cli):
+    case = make_case(seed=3, index=0).image
+    small = nib.Nifti1Image(np.asarray(case.dataobj)[::2, ::2, :16], case.affine @ np.diag([2, 2, 1, 1]))
+    folder = tmp_path / "study"
+    write_dicom_series(small, folder, series_uid="1.2.826.0.1.3680043.8.498.1", prefix="big")
+    write_dicom_series(nib.Nifti1Image(np.asarray(small.dataobj)[:, :, :6], small.affine), folder,
+                       series_uid="1.2.826.0.1.3680043.8.498.2", prefix="small")
+    result = cli("infer", folder, "--run", threshold_run, "--series", "1.2.826.0.1.3680043.8.498.2")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "note:" in text and "1.2.826.0.1.3680043.8.498.1" in text  # names the series it did not read
+    assert nib.load(tmp_path / "study_seg.nii.gz").shape[2] == 6
+    assert json.loads((tmp_path / "study_seg.json").read_text())["dicom_series_uid"] == "1.2.826.0.1.3680043.8.498.2"
+    wrong = cli("infer", folder, "--run", threshold_run, "--series", "9.9.9", "-o", tmp_path / "x_seg.nii.gz")
+    assert wrong.exit_code == 2 and "9.9.9" in error_lines(wrong.output)[0]
+    assert not (tmp_path / "x_seg.nii.gz").exists()
+
+
+def test_classes_option_and_help(threshold_run, tmp_path, cli):
+    nib.save(make_case(seed=3, index=0).image, tmp_path / "a.nii.gz")
+    result = cli("infer", tmp_path / "a.nii.gz", "--run", threshold_run, "--classes", "bright")
+    assert result.exit_code == 0, result.output
+    assert np.asarray(nib.load(tmp_path / "a_seg.nii.gz").dataobj).any()
+    unknown = cli("infer", tmp_path / "a.nii.gz", "--run", threshold_run, "--classes", "liver", "--force")
+    assert unknown.exit_code == 2 and "--classes: liver not in this run's classes" in error_lines(unknown.output)[0]
+    old = cli("infer", tmp_path / "a.nii.gz", "--run", threshold_run, "--labels", "bright", "--force")
+    assert old.exit_code == 2 and "No such option" in old.output
+    help_text = cli("infer", "--help").output
+    assert [line for line in help_text.splitlines() if "<bool>" in line and "--help" not in line] == []  # flags take no value
+    assert "<list" not in help_text and "NAME" in help_text
+    for option in ("--classes", "--checkpoint", "--resample", "--series"):
+        assert option in help_text
+
+
+def test_resample_auto_falls_back_to_nearest_with_a_note(threshold_run, tmp_path, cli, monkeypatch):
+    from medseg.engine import pipeline
+
+    monkeypatch.setattr(pipeline, "PROBABILITY_BUFFER_LIMIT", 1000)
+    nib.save(make_case(seed=3, index=0).image, tmp_path / "a.nii.gz")
+    result = cli("infer", tmp_path / "a.nii.gz", "--run", threshold_run)
+    assert result.exit_code == 0, result.output
+    assert "note: labels resampled nearest-neighbour" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "a_seg.json").read_text())["resample"] == "nearest"
 
 
 def bad_inputs(tmp_path: Path) -> dict[str, Path]:
@@ -213,10 +420,116 @@ def test_bad_inputs_are_one_line_and_write_nothing(problem, needle, threshold_ru
     before = set(tmp_path.rglob("*"))
     result = cli("infer", path, "--run", threshold_run)
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    lines = error_lines(result.output)
     assert len(lines) == 1 and needle in lines[0], result.output
+    assert path.name in lines[0], "the error names the file"
     assert "Traceback" not in result.output
     assert set(tmp_path.rglob("*")) == before, "no output, not even a temporary file"
+
+
+def test_output_equal_to_the_input_is_refused_even_with_force(threshold_run, tmp_path, cli):
+    scan = tmp_path / "ct.nii.gz"
+    nib.save(make_case(seed=0, index=0).image, scan)
+    (tmp_path / "link.nii.gz").symlink_to(scan)
+    before = files_under(tmp_path)
+    for output in (scan, tmp_path / "." / "ct.nii.gz", tmp_path / "link.nii.gz"):
+        result = cli("infer", scan, "-o", output, "--force", "--run", threshold_run)
+        assert result.exit_code == 2, result.output
+        lines = error_lines(result.output)
+        assert len(lines) == 1 and "is the input" in lines[0], result.output
+    assert files_under(tmp_path) == before  # the CT is intact, nothing written
+
+
+def test_dataset_folders_segment_images_only(threshold_run, tmp_path, cli):
+    img = make_case(seed=3, index=0).image
+    label = nib.Nifti1Image(direct_threshold(img), img.affine)
+    pair = tmp_path / "case7"
+    pair.mkdir()
+    nib.save(img, pair / "image.nii.gz")
+    nib.save(label, pair / "label.nii.gz")
+
+    as_file = cli("infer", pair, "-o", tmp_path / "pred.nii.gz", "--run", threshold_run)
+    assert as_file.exit_code == 2 and "a folder input needs an output folder" in error_lines(as_file.output)[0]
+    assert not (tmp_path / "pred.nii.gz").exists()  # neither a file nor a folder of that name
+
+    result = cli("infer", pair, "-o", tmp_path / "pred", "--run", threshold_run)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case7_seg.json", "case7_seg.nii.gz"]
+
+    decathlon = tmp_path / "Task01"
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (decathlon / sub).mkdir(parents=True)
+    nib.save(img, decathlon / "imagesTr" / "ct_001.nii.gz")
+    nib.save(label, decathlon / "labelsTr" / "ct_001.nii.gz")
+    nib.save(reoriented(img, ("L", "P", "S")), decathlon / "imagesTs" / "ct_101.nii.gz")
+    beside = cli("infer", decathlon, "--run", threshold_run)
+    assert beside.exit_code == 2 and "name an output folder with -o" in error_lines(beside.output)[0]
+    result = cli("infer", decathlon, "-o", tmp_path / "pred_task", "--run", threshold_run)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "pred_task").glob("*.nii.gz")) == ["ct_001_seg.nii.gz", "ct_101_seg.nii.gz"]
+    assert not list((decathlon / "labelsTr").glob("*_seg*")) and not list((decathlon / "imagesTr").glob("*_seg*"))
+
+
+def test_batch_reports_a_bad_case_and_goes_on(threshold_run, tmp_path, cli):
+    data = tmp_path / "scans"
+    data.mkdir()
+    case = make_case(seed=3, index=0).image
+    nib.save(case, data / "a.nii.gz")
+    nib.save(case, data / "c.nii.gz")
+    raw = (data / "a.nii.gz").read_bytes()
+    (data / "b.nii.gz").write_bytes(raw[: len(raw) // 3])
+    result = cli("infer", data, "-o", tmp_path / "out", "--run", threshold_run)
+    assert result.exit_code == 1, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and "b.nii.gz" in lines[0] and "corrupt or truncated" in lines[0], result.output
+    assert "2 of 3 scans segmented; failed: b.nii.gz" in " ".join(result.output.split())
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a_seg.nii.gz", "c_seg.nii.gz"]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+    only_bad = tmp_path / "bad_only"
+    only_bad.mkdir()
+    (only_bad / "b.nii.gz").write_bytes(raw[: len(raw) // 3])
+    result = cli("infer", only_bad, "-o", tmp_path / "out2", "--run", threshold_run)
+    assert result.exit_code == 1 and not (tmp_path / "out2").exists()  # no empty output folder left behind
+
+
+def test_a_locked_output_fails_naming_the_holder(threshold_run, tmp_path, cli):
+    scan = tmp_path / "a.nii.gz"
+    nib.save(make_case(seed=3, index=0).image, scan)
+    lock = tmp_path / ".a_seg.nii.gz.lock"
+    with open(lock, "w") as f:  # another medseg infer writing a_seg.nii.gz (its lock, taken by hand)
+        f.write("pid 4242 on otherhost")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cli("infer", scan, "--run", threshold_run)
+    assert result.exit_code == 2, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and "being written by another medseg infer (pid 4242 on otherhost)" in lines[0]
+    assert not (tmp_path / "a_seg.nii.gz").exists()
+
+
+def test_a_file_that_appears_meanwhile_is_not_replaced(threshold_run, tmp_path, cli, monkeypatch):
+    scan = tmp_path / "a.nii.gz"
+    nib.save(make_case(seed=3, index=0).image, scan)
+    target = tmp_path / "a_seg.nii.gz"
+    real_call = Predictor.__call__
+
+    def slow_call(self, *args, **kwargs):
+        result = real_call(self, *args, **kwargs)
+        target.write_bytes(b"written by someone else meanwhile")
+        return result
+
+    monkeypatch.setattr(Predictor, "__call__", slow_call)
+    result = cli("infer", scan, "--run", threshold_run)
+    assert result.exit_code == 2, result.output
+    assert "appeared while this scan was segmented" in error_lines(result.output)[0]
+    assert target.read_bytes() == b"written by someone else meanwhile"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["a.nii.gz", "a_seg.nii.gz"]  # no sidecar, no temp, no lock
+    target.unlink()
+    target.write_bytes(b"old")
+    forced = cli("infer", scan, "--run", threshold_run, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert nib.load(target).shape == nib.load(scan).shape
 
 
 def test_bad_run_directories(threshold_run, tmp_path, cli, monkeypatch):

@@ -1,16 +1,25 @@
 """Segment a CT with a trained run: ``Predictor(run_dir)(image)`` or ``medseg infer scan.nii.gz``.
 
-The scan goes through the run's own preprocessing (RAS, the bundle's spacing, HU window), is
-cropped to the body, segmented with a sliding window (MONAI's for small volumes, medseg's streaming
-one when MONAI's classes x volume buffer would be large), and the label map is resampled (nearest
-neighbour, through the two affines) onto the input's own grid: the output has exactly the input's
-shape, affine and orientation, whatever those are (LPS, oblique, 0.7x0.7x5 mm).
+The scan goes through :mod:`medseg.engine.pipeline`, the steps validation uses too: the run's own
+preprocessing (RAS, the bundle's spacing, HU window), the crop to the body, the sliding window on the
+model grid, and the way back onto the input's own grid (class probabilities resampled linearly and
+labels taken as their argmax, or nearest-neighbour labels for many classes on a big scan). The
+output has exactly the input's shape, affine and orientation, whatever those are (LPS, oblique,
+0.7x0.7x5 mm).
+
+Files: outputs are written to hidden temporary names and published only when complete; an input is
+never overwritten (not even with ``force``); an output being written is locked, so a second medseg
+writing the same file fails with one line; and a file that appears while a scan is segmented is not
+replaced unless ``force``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,163 +29,116 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from medseg.config import Bundle, bundle_from_dict
-from medseg.data.io import case_name, check_3d, is_nifti, load_array, read_image, spacing_of, write_nifti, write_text_atomic
-from medseg.engine.rundir import read_run
+from medseg import __version__
+from medseg.data.io import case_name, is_nifti, read_image, spacing_of, temporary_beside
+from medseg.engine.pipeline import (
+    Grids,
+    WindowSpec,
+    body_box,
+    choose_resample,
+    network_fn,
+    preprocess,
+    resample_nearest,
+    sliding_window,
+    to_input_grid,
+)
+from medseg.engine.run import Run
 from medseg.errors import MedsegError
 
+__all__ = ["Predictor", "Segmentation", "plan_inputs", "segment_file", "resample_nearest"]
+
 SKIP_SUFFIXES = ("_seg.nii.gz", "_seg.nii", "_probabilities.nii.gz", "_probabilities.nii")
+LABEL_NAMES = ("label", "labels")  # a label map beside its image (image.nii.gz + label.nii.gz), never a CT
+CHECKPOINTS = ("best", "last")
 
 
 @dataclass
 class Segmentation:
-    labels: nib.Nifti1Image  # the input's shape and affine; uint8 (uint16 past 255 classes)
+    labels: nib.Nifti1Image  # the input's shape and affine; uint8 (uint16 past 256 classes)
     names: dict[int, str]  # value -> class name, background included
     probabilities: nib.Nifti1Image | None = None  # 4D, uint8 = round(255 p), scl_slope 1/255
-    method: str = ""
+    method: str = ""  # the sliding window that ran: monai or stream
     seconds: float = 0.0
     volume_ml: dict[str, float] = field(default_factory=dict)
-
-
-def latest_complete_run(runs_root: str | Path = "runs") -> Path:
-    root = Path(runs_root)
-    candidates = []
-    for path in root.glob("*/run.json") if root.is_dir() else []:
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if info.get("status") == "complete":
-            candidates.append((info.get("finished", ""), path.stat().st_mtime, path.parent))
-    if not candidates:
-        raise MedsegError(f"no complete training run under {root}/: train one first (medseg train bundles/unetr.json) or pass --run")
-    return max(candidates)[2]
+    resample: str = ""  # linear or nearest
+    notes: list[str] = field(default_factory=list)
 
 
 class Predictor:
-    """A trained run, ready to segment. Heavy objects (the model) are built once."""
+    """A trained run, ready to segment. Heavy objects (the model) are built once.
 
-    def __init__(self, run_dir: str | Path | None = None, *, runs_root: str | Path = "runs", device: str = "auto",
+    ``run``: a run directory or :class:`Run` (default: the newest complete run under ``runs_root``);
+    ``checkpoint``: ``best`` (model_best.pt) or ``last`` (the model in checkpoint.pt); ``method``:
+    the sliding window (auto, monai, stream); ``resample``: back to the input grid (auto, linear,
+    nearest; see :func:`medseg.engine.pipeline.choose_resample`)."""
+
+    def __init__(self, run: str | Path | Run | None = None, *, runs_root: str | Path = "runs", device: str = "auto",
                  overlap: float | None = None, sw_batch_size: int | None = None, tta: bool = False,
-                 method: str = "auto", checkpoint: str = "best") -> None:
-        from medseg.engine.train import resolve_device
-        from medseg.models import create_model
+                 method: str = "auto", checkpoint: str = "best", resample: str = "auto") -> None:
+        from medseg.engine.device import amp_mode, autocast, resolve_device
+        from medseg.engine.run import latest_complete_run
 
-        self.run_dir = Path(run_dir) if run_dir is not None else latest_complete_run(runs_root)
-        self.info = read_run(self.run_dir)  # an explicit --run may be incomplete; the CLI says so
-        try:
-            self.bundle: Bundle = bundle_from_dict(json.loads((self.run_dir / "bundle.json").read_text()))
-            self.names = {int(k): v for k, v in json.loads((self.run_dir / "labels.json").read_text()).items()}
-        except (OSError, json.JSONDecodeError) as e:
-            raise MedsegError(f"{self.run_dir}: incomplete run directory ({e})") from None
-        weights = self.run_dir / f"model_{checkpoint}.pt"
-        if not weights.is_file():
-            raise MedsegError(f"{self.run_dir}: missing weights {weights.name}")
+        if checkpoint not in CHECKPOINTS:
+            raise MedsegError(f"--checkpoint must be best or last, got {checkpoint!r}")
+        choose_resample(resample, 1, (1, 1, 1), False)  # refuse a bad value before loading anything
+        self.run = run if isinstance(run, Run) else Run.open(run) if run is not None else latest_complete_run(runs_root)
+        self.run_dir = self.run.path
+        self.bundle = self.run.bundle
+        self.names = self.run.labels
+        self.window = WindowSpec.from_bundle(self.bundle, overlap=overlap, sw_batch_size=sw_batch_size, method=method)
         self.device = resolve_device(device)
-        b = self.bundle
-        self.model = create_model(b.model.name, out_channels=len(b.data.labels) + 1, roi=b.train.roi,
-                                  grad_checkpointing=b.train.grad_checkpointing, **b.model.args)
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(state)
-        except Exception as e:  # truncated file, wrong architecture
-            raise MedsegError(f"{weights}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        self.model.to(self.device).eval()
-        sw = b.sliding_window
-        self.roi = b.infer_roi
-        self.overlap = sw.overlap if overlap is None else overlap
-        if not 0 <= self.overlap < 1:
-            raise MedsegError(f"--overlap must be in [0, 1), got {self.overlap}")
-        self.sw_batch_size = sw.sw_batch_size if sw_batch_size is None else sw_batch_size
-        if self.sw_batch_size < 1:
-            raise MedsegError("--sw-batch-size must be >= 1")
-        self.mode, self.tta, self.method = sw.mode, tta, method
+        self.checkpoint, self.tta, self.resample = checkpoint, tta, resample
+        self.model = self.run.build_model(checkpoint, self.device)
+        self.amp = amp_mode(self.bundle.train.amp, self.device)
+        self._predict = network_fn(self.model, autocast(self.amp, self.device), tta, slice_model=self.bundle.model.name == "fcn2d")
 
-    # -- the network on one batch of windows, with flip test-time augmentation -------------------
-    def _predict_windows(self, x: torch.Tensor) -> torch.Tensor:
-        amp = self.device.type == "cuda" and self.bundle.train.amp
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            if not self.tta:
-                return self.model(x).float()
-            flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]  # nnU-Net's 3D mirroring
-            if self.bundle.model.name == "fcn2d":
-                flips = [f for f in flips if 4 not in f]  # mirroring slices of a 2D model adds nothing
-            total = None
-            for dims in flips:
-                y = self.model(torch.flip(x, dims) if dims else x).float()
-                y = torch.flip(y, dims) if dims else y
-                total = y if total is None else total + y
-            return total / len(flips)
-
-    def preprocess(self, img: nib.Nifti1Image, source: str = "image"):
-        """Returns (preprocessed (1,1,X,Y,Z) tensor in RAS at the bundle spacing, its affine)."""
-        from monai.data import MetaTensor
-        from monai.transforms import Compose
-
-        from medseg.data.transforms import geometry_steps
-
-        check_3d(img, source)
-        data = load_array(img, source)
-        if data.ndim == 4:
-            data = data[..., 0]
-        x = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.as_tensor(img.affine, dtype=torch.float64))
-        x = Compose(geometry_steps(self.bundle, keys=("image",)))({"image": x})["image"]
-        return x.as_tensor()[None].float(), np.asarray(x.affine, dtype=np.float64)
+    @property
+    def overlap(self) -> float:
+        return self.window.overlap
 
     @torch.no_grad()
-    def __call__(self, image: nib.Nifti1Image | str | Path, *, labels: list[str] | None = None,
-                 probabilities: bool = False, on_window=None) -> Segmentation:
-        from medseg.engine.window import choose_method, monai_sliding_window, stream_sliding_window
-
+    def __call__(self, image: nib.Nifti1Image | str | Path, *, classes: list[str] | None = None, probabilities: bool = False,
+                 on_window=None, source: str | None = None) -> Segmentation:
+        """Segment ``image`` (a NIfTI image, or a path to a NIfTI file or DICOM folder). ``classes``
+        keeps only those classes in the labels (the probabilities keep every class); ``source``
+        names an in-memory image in error messages (its path)."""
         t0 = time.time()
-        source = str(image) if not isinstance(image, nib.Nifti1Image) else "image"
-        img = read_image(image) if not isinstance(image, nib.Nifti1Image) else image
-        keep = self._label_subset(labels)
-        x, res_affine = self.preprocess(img, source)
-        full_shape = tuple(x.shape[2:])
-
-        # Crop to the body (windowed intensity > 0), as training's CropForeground does.
-        body = (x[0, 0] > 0).numpy()
-        if body.any():
-            idx = [np.nonzero(body.any(axis=tuple(a for a in range(3) if a != d)))[0] for d in range(3)]
-            lo, hi = [int(i[0]) for i in idx], [int(i[-1]) + 1 for i in idx]
-        else:
-            lo, hi = [0, 0, 0], list(full_shape)
-        crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+        if not isinstance(image, nib.Nifti1Image):
+            source, image = str(image), read_image(image)
+        source = source or "input image"
+        keep = self.class_subset(classes)
+        x, model_affine = preprocess(image, self.bundle, source)
+        crop = body_box(x)
         xc = x[(slice(None), slice(None), *crop)]
-        n_classes = len(self.names)
-        method = choose_method(n_classes, xc.shape[2:], self.method)
-        run = stream_sliding_window if method == "stream" else monai_sliding_window
-        kwargs = {"on_window": on_window} if method == "stream" else {}
-        lab_c, prob_c = run(xc.to(self.device) if method == "monai" else xc, self.roi, self.sw_batch_size, self._predict_windows,
-                            overlap=self.overlap, mode=self.mode, device=self.device, return_probabilities=probabilities, **kwargs)
-        lab_res = np.zeros(full_shape, dtype=np.uint8 if n_classes <= 256 else np.uint16)
-        lab_res[crop] = lab_c.numpy()
+        n = len(self.names)
+        resample, note = choose_resample(self.resample, n, xc.shape[2:], probabilities)
+        result = sliding_window(xc, self._predict, self.window, n, self.device, probabilities=probabilities or resample == "linear",
+                                on_window=on_window)
+        grids = Grids(tuple(x.shape[2:]), model_affine, crop, tuple(int(s) for s in image.shape[:3]), image.affine)  # type: ignore[arg-type]
+        del x, xc
+        labels, probs = to_input_grid(result, grids, resample, n, probabilities=probabilities, device=self.device)
         if keep is not None:
-            lab_res[~np.isin(lab_res, keep)] = 0
-
-        out = resample_nearest(lab_res, res_affine, img.shape[:3], img.affine)
-        label_img = _like(img, out)
-        prob_img = None
-        if probabilities:
-            prob_res = np.zeros((n_classes, *full_shape), dtype=np.float32)
-            prob_res[0] = 1.0  # outside the body crop: background
-            prob_res[(slice(None), *crop)] = prob_c.float().numpy()
-            prob_img = _probabilities_image(prob_res, res_affine, img)
+            labels[~np.isin(labels, [0, *keep])] = 0
         names = {k: v for k, v in self.names.items() if keep is None or k == 0 or k in keep}
-        voxel_ml = float(abs(np.linalg.det(img.affine[:3, :3]))) / 1000.0
-        counts = np.bincount(out.ravel(), minlength=n_classes)
+        prob_img = None
+        if probs is not None:
+            prob_img = _like(image, probs)
+            prob_img.header.set_slope_inter(1 / 255, 0)
+        voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
+        counts = np.bincount(labels.ravel(), minlength=n)
         volume = {names[k]: round(float(counts[k]) * voxel_ml, 3) for k in names if k != 0}
-        return Segmentation(label_img, names, prob_img, method, time.time() - t0, volume)
+        return Segmentation(_like(image, labels), names, prob_img, result.method, time.time() - t0, volume, resample,
+                            [note] if note else [])
 
-    def _label_subset(self, labels: list[str] | None) -> list[int] | None:
-        if not labels:
+    def class_subset(self, classes: list[str] | None) -> list[int] | None:
+        """The label values of ``classes`` (names), or None for all; unknown names are an error."""
+        if not classes:
             return None
         by_name = {v: k for k, v in self.names.items() if k != 0}
-        unknown = [n for n in labels if n not in by_name]
+        unknown = [n for n in classes if n not in by_name]
         if unknown:
-            raise MedsegError(f"--labels: {', '.join(unknown)} not in this run's classes ({', '.join(by_name)})")
-        return [by_name[n] for n in labels]
+            raise MedsegError(f"--classes: {', '.join(unknown)} not in this run's classes ({', '.join(by_name)})")
+        return [by_name[n] for n in classes]
 
 
 def _like(img: nib.Nifti1Image, data: np.ndarray) -> nib.Nifti1Image:
@@ -191,31 +153,8 @@ def _like(img: nib.Nifti1Image, data: np.ndarray) -> nib.Nifti1Image:
     return out
 
 
-def resample_nearest(labels: np.ndarray, src_affine: np.ndarray, shape, dst_affine: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour resampling of a label volume from one voxel grid to another through their
-    affines (voxel -> mm); voxels outside the source become background."""
-    from scipy.ndimage import affine_transform
-
-    matrix = np.linalg.inv(src_affine) @ np.asarray(dst_affine, dtype=np.float64)  # dst voxel -> src voxel
-    return affine_transform(labels, matrix, output_shape=tuple(int(s) for s in shape), order=0, mode="constant", cval=0)
-
-
-def _probabilities_image(prob_res: np.ndarray, res_affine: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:
-    from scipy.ndimage import affine_transform
-
-    matrix = np.linalg.inv(res_affine) @ np.asarray(img.affine, dtype=np.float64)
-    shape = tuple(int(s) for s in img.shape[:3])
-    out = np.empty((*shape, prob_res.shape[0]), dtype=np.uint8)
-    for c in range(prob_res.shape[0]):
-        p = affine_transform(prob_res[c], matrix, output_shape=shape, order=1, mode="nearest")
-        out[..., c] = np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
-    pimg = _like(img, out)
-    pimg.header.set_slope_inter(1 / 255, 0)
-    return pimg
-
-
 # ---------------------------------------------------------------------------------------------
-# files and folders
+# which files: inputs, outputs
 
 
 def output_paths(input_path: Path, output: Path | None) -> dict[str, Path]:
@@ -230,19 +169,107 @@ def output_paths(input_path: Path, output: Path | None) -> dict[str, Path]:
             "preview": seg.with_name(f"{stem}.png")}
 
 
-def list_inputs(input_path: Path) -> list[Path]:
-    """A NIfTI file, a DICOM folder (one case), or a folder of NIfTI files (batch)."""
+def wanted_outputs(save_probabilities: bool, preview: bool) -> list[str]:
+    return ["labels", "json"] + (["probabilities"] if save_probabilities else []) + (["preview"] if preview else [])
+
+
+def _is_scan(p: Path) -> bool:
+    return (p.is_file() and is_nifti(p) and not p.name.startswith(".") and not p.name.endswith(SKIP_SUFFIXES)
+            and case_name(p).lower() not in LABEL_NAMES)
+
+
+def _nifti_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_scan(p)) if folder.is_dir() else []
+
+
+def _single_image(folder: Path) -> Path | None:
+    return next((p for p in (folder / "image.nii.gz", folder / "image.nii") if p.is_file()), None)
+
+
+@dataclass
+class InputPlan:
+    """What ``medseg infer INPUT [-o OUTPUT]`` segments, and where each result goes."""
+
+    cases: list[tuple[Path, Path | None]]  # (scan, label-map output or None: beside the scan)
+    batch: bool  # a folder of cases: reported case by case, -o names a folder
+
+
+def list_inputs(input_path: Path) -> tuple[list[Path], bool]:
+    """(scans, batch). A NIfTI file or a DICOM folder is one scan. A folder is a batch: of a
+    dataset's images (imagesTr/ and imagesTs/, never labelsTr/; image.nii.gz beside its label.nii.gz,
+    or case subfolders holding one), or of the NIfTI files in it (label maps and medseg's own
+    outputs left out). A folder with none of these is read as a DICOM series."""
     if not input_path.exists():
         raise MedsegError(f"no such file or folder: {input_path}")
     if input_path.is_file():
-        return [input_path]
-    files = sorted(p for p in input_path.iterdir() if p.is_file() and is_nifti(p) and not p.name.endswith(SKIP_SUFFIXES)
-                   and not p.name.startswith("."))
-    return files if files else [input_path]  # no NIfTI: read it as a DICOM series
+        return [input_path], False
+    if _is_dataset(input_path):
+        return _nifti_in(input_path / "imagesTr") + _nifti_in(input_path / "imagesTs"), True
+    single = _single_image(input_path)
+    if single is not None:
+        return [single], True
+    subfolders = sorted(d for d in input_path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    images = [p for p in (_single_image(d) for d in subfolders) if p is not None]
+    if images:
+        return images, True
+    files = _nifti_in(input_path)
+    return (files, True) if files else ([input_path], False)
 
 
-def wanted_outputs(save_probabilities: bool, preview: bool) -> list[str]:
-    return ["labels", "json"] + (["probabilities"] if save_probabilities else []) + (["preview"] if preview else [])
+def _is_dataset(folder: Path) -> bool:
+    return (folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir()
+
+
+def _batch_name(scan: Path) -> str:
+    """A case's name in an output folder: the file's, or its folder's for ``<case>/image.nii.gz``."""
+    name = case_name(scan)
+    return scan.parent.name if name == "image" else name
+
+
+def plan_inputs(input_path: Path, output: Path | None) -> InputPlan:
+    scans, batch = list_inputs(input_path)
+    if not batch:
+        return InputPlan([(scans[0], output)], False)
+    if not scans:
+        raise MedsegError(f"{input_path}: no images found in its imagesTr/ or imagesTs/")
+    if output is not None and (is_nifti(output) or (output.exists() and not output.is_dir())):
+        raise MedsegError(f"-o {output}: a folder input needs an output folder")
+    if output is None:
+        if _is_dataset(input_path):
+            raise MedsegError(f"{input_path} is a dataset folder (imagesTr/): name an output folder with -o, so that "
+                              "predictions are not written among the images training reads")
+        return InputPlan([(p, None) for p in scans], True)
+    cases = [(p, output / f"{_batch_name(p)}_seg.nii.gz") for p in scans]
+    seen: dict[Path, Path] = {}
+    for scan, target in cases:
+        if target in seen:
+            raise MedsegError(f"{seen[target]} and {scan} would both be written to {target}")
+        seen[target] = scan
+    return InputPlan(cases, True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(plan: InputPlan, wanted: list[str], force: bool) -> None:
+    """Before any work: no output may be an input (not even with ``force``), and without ``force``
+    no output may exist."""
+    scans = [scan for scan, _ in plan.cases]
+    for scan, target in plan.cases:
+        paths = output_paths(scan, target)
+        for key in wanted:
+            hit = next((s for s in scans if _same_file(paths[key], s)), None)
+            if hit is not None:
+                what = "is the input scan" if str(paths[key]) == str(hit) else f"is the input scan {hit}"
+                raise MedsegError(f"{paths[key]} {what}: choose another output (-o); an input is never overwritten")
+        if not force:
+            refuse_overwrite(paths, wanted)
 
 
 def refuse_overwrite(paths: dict[str, Path], wanted: list[str]) -> None:
@@ -251,32 +278,140 @@ def refuse_overwrite(paths: dict[str, Path], wanted: list[str]) -> None:
         raise MedsegError(f"{taken} exists; pass --force to overwrite")
 
 
+# ---------------------------------------------------------------------------------------------
+# writing: lock, stage, publish
+
+
+@contextlib.contextmanager
+def output_lock(path: Path):
+    """Hold ``.<name>.lock`` beside ``path`` (flock) while its outputs are made; a second holder
+    fails at once with one line naming the first. The lock file is removed afterwards."""
+    import fcntl
+
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MedsegError(f"cannot create {path.parent}: {e.strerror or e}") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise MedsegError(f"cannot write to {path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise MedsegError(f"{path} is being written by another medseg infer ({holder}); wait for it or choose another -o") from None
+        try:  # the previous holder may have removed the file between our open and our lock: retry
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _publish(tmp: str, dest: Path, force: bool) -> None:
+    """Rename ``tmp`` to ``dest``; without ``force`` never replace a file that exists by now (a hard
+    link fails if ``dest`` exists: the check and the rename are one step)."""
+    if force:
+        os.replace(tmp, dest)
+        return
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise MedsegError(f"{dest} appeared while this scan was segmented; it was not replaced (pass --force to overwrite)") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if dest.exists():  # a file system without hard links: check, then rename
+            raise MedsegError(f"{dest} appeared while this scan was segmented; it was not replaced (pass --force to overwrite)") from None
+        os.rename(tmp, dest)
+        return
+    os.unlink(tmp)
+
+
+def _write_outputs(seg: Segmentation, img: nib.Nifti1Image, paths: dict[str, Path], wanted: list[str], sidecar: dict[str, Any],
+                   hu_window, force: bool) -> None:
+    """Every output to a hidden temporary file first, then all published; on a failure nothing
+    new is left behind."""
+    staged: dict[str, str] = {}
+    published: list[Path] = []
+    try:
+        for key in wanted:
+            suffix = {"labels": ".nii.gz", "probabilities": ".nii.gz", "json": ".json", "preview": ".png"}[key]
+            if key in ("labels", "probabilities") and not str(paths[key]).lower().endswith(".gz"):
+                suffix = ".nii"
+            staged[key] = tmp = temporary_beside(paths[key], suffix)
+            if key == "labels":
+                nib.save(seg.labels, tmp)
+            elif key == "probabilities":
+                nib.save(seg.probabilities, tmp)
+            elif key == "json":
+                Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n")
+            else:
+                from medseg.viz import save_preview
+
+                save_preview(img, seg.labels, seg.names, tmp, hu_window=hu_window)
+        for key in wanted:
+            _publish(staged[key], paths[key], force)
+            published.append(paths[key])
+    except OSError as e:
+        if not force:
+            for p in published:
+                p.unlink(missing_ok=True)
+        raise MedsegError(f"cannot write {paths['labels']}: {e.strerror or e}") from None
+    except MedsegError:
+        for p in published:  # only reached without force: these files are ours, nothing was replaced
+            p.unlink(missing_ok=True)
+        raise
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _dicom_info(img: nib.Nifti1Image) -> dict[str, Any]:
+    """What ``read_image`` says about a DICOM series it read (``img.extra["dicom"]``), or {}."""
+    extra = getattr(img, "extra", None)
+    info = extra.get("dicom") if isinstance(extra, dict) else None
+    return info if isinstance(info, dict) else {}
+
+
 def segment_file(predictor: Predictor, input_path: Path, output: Path | None = None, *, force: bool = False,
-                 save_probabilities: bool = False, preview: bool = False, labels: list[str] | None = None,
-                 on_window=None) -> dict[str, Any]:
-    """Segment one scan and write its outputs atomically. Refuses to overwrite without ``force``."""
+                 save_probabilities: bool = False, preview: bool = False, classes: list[str] | None = None,
+                 series: str | None = None, on_window=None) -> dict[str, Any]:
+    """Segment one scan and write its outputs (see the module docstring for the rules). Returns
+    ``{"paths", "segmentation", "notes", "series_uid"}``."""
     paths = output_paths(input_path, output)
     wanted = wanted_outputs(save_probabilities, preview)
-    if not force:
-        refuse_overwrite(paths, wanted)
+    check_outputs(InputPlan([(input_path, output)], False), wanted, force)
     folder = paths["labels"].parent
     if folder.exists() and not os.access(folder, os.W_OK):  # refuse before the work, not after it
         raise MedsegError(f"cannot write to {folder}: choose an output with -o")
-    img = read_image(input_path)
-    seg = predictor(img, labels=labels, probabilities=save_probabilities, on_window=on_window)
-    try:
-        write_nifti(seg.labels, paths["labels"])
-        if seg.probabilities is not None:
-            write_nifti(seg.probabilities, paths["probabilities"])
-    except OSError as e:
-        raise MedsegError(f"cannot write {paths['labels']}: {e.strerror or e}") from None
-    sidecar = {"labels": {str(k): v for k, v in seg.names.items()}, "volume_ml": seg.volume_ml,
-               "run": str(predictor.run_dir.resolve()), "input": str(input_path.resolve()), "method": seg.method,
-               "tta": predictor.tta, "overlap": predictor.overlap, "spacing_mm": list(spacing_of(img.affine)),
-               "seconds": round(seg.seconds, 2)}
-    write_text_atomic(paths["json"], json.dumps(sidecar, indent=2) + "\n")
-    if preview:
-        from medseg.viz import save_preview
-
-        save_preview(img, seg.labels, seg.names, paths["preview"], hu_window=predictor.bundle.data.hu_window)
-    return {"paths": {k: paths[k] for k in wanted}, "segmentation": seg}
+    with output_lock(paths["labels"]):
+        if not force:
+            refuse_overwrite(paths, wanted)  # written by someone else before we held the lock
+        img = read_image(input_path, series_uid=series) if series else read_image(input_path)
+        dicom = _dicom_info(img)
+        seg = predictor(img, classes=classes, probabilities=save_probabilities, on_window=on_window, source=str(input_path))
+        run = predictor.run
+        sidecar = {"labels": {str(k): v for k, v in seg.names.items()}, "volume_ml": seg.volume_ml,
+                   "run": str(predictor.run_dir.resolve()), "run_name": run.name, "run_status": run.status,
+                   "checkpoint": predictor.checkpoint, "model": predictor.bundle.model.name, "medseg_version": __version__,
+                   "input": str(input_path.resolve()), "method": seg.method, "resample": seg.resample, "tta": predictor.tta,
+                   "overlap": predictor.overlap, "spacing_mm": list(spacing_of(img.affine)), "seconds": round(seg.seconds, 2)}
+        if dicom.get("series_uid") or series:
+            sidecar["dicom_series_uid"] = dicom.get("series_uid") or series
+        _write_outputs(seg, img, paths, wanted, sidecar, predictor.bundle.data.hu_window, force)
+    notes = ([dicom["note"]] if dicom.get("note") else []) + seg.notes
+    return {"paths": {k: paths[k] for k in wanted}, "segmentation": seg, "notes": notes, "series_uid": sidecar.get("dicom_series_uid")}

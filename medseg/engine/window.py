@@ -134,8 +134,10 @@ def stream_sliding_window(
         labels[region] = mean.argmax(dim=0).to(labels.dtype)
         if logits_out is not None:
             logits_out[(slice(None), *region)] = mean
-        if probs is not None:
-            probs[(slice(None), *region)] = torch.softmax(mean, dim=0).to(torch.float16)
+        if probs is not None:  # softmax in place: no tile-sized temporaries
+            mean.sub_(mean.amax(dim=0, keepdim=True)).exp_()
+            mean.div_(mean.sum(dim=0, keepdim=True))
+            probs[(slice(None), *region)] = mean
 
     for first in range(0, len(windows), sw_batch_size):
         batch = windows[first : first + sw_batch_size]
