@@ -36,14 +36,20 @@ def train(
     runs_root: Annotated[Path, typer.Option("--runs-root", help="Parent of new run directories.")] = Path("runs"),
     device: DeviceOpt = "auto",
     tracking: TrackingOpt = "mlflow",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir from its last checkpoint.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    resume: Annotated[bool, typer.Option("--resume", metavar="", help="Continue the run in --run-dir from its last checkpoint "
+                                         "(or from the start if it was killed before one).")] = False,
+    progress: Annotated[str, typer.Option("--progress", help="auto (bars on a terminal, plain lines in a log), rich, plain or off.")] = "auto",
+    no_progress: Annotated[bool, typer.Option("--no-progress", metavar="", help="Same as --progress off.")] = False,
 ) -> None:
-    """Train a model from a bundle; with no data named, on the built-in synthetic CT phantom."""
+    """Train a model from a bundle; with no data named, on the built-in synthetic CT phantom.
+
+    Ctrl-C or SIGTERM (a scheduler's time limit) stops after the current step, writes a checkpoint
+    and exits 130/143; `medseg train --resume --run-dir DIR` continues exactly where it stopped."""
+    from medseg.cli_common import check_choice
     from medseg.config import load_bundle
 
-    if tracking not in ("mlflow", "none"):
-        raise MedsegError(f"--tracking must be mlflow or none, got {tracking!r}")
+    check_choice("--tracking", tracking, ("mlflow", "none"))
+    check_choice("--progress", progress, ("auto", "rich", "plain", "off"))
     overrides = list(set_ or [])
     if tracking == "none":
         overrides.append("tracking.backend=none")
@@ -60,23 +66,37 @@ def train(
             raise MedsegError("name a bundle, e.g. medseg train bundles/swin_unetr.json")
         cfg = load_bundle(bundle, overrides)
 
+    from medseg.engine.train import StopFlag, Stopped
     from medseg.engine.train import train as run_training
 
-    _sigterm_interrupts()
-    result = run_training(cfg, run_dir=run_dir, runs_root=runs_root, device=device, resume=resume,
-                          console=err, show_progress=progress)
+    stop = StopFlag()
+    _stop_on_signals(stop)
+    try:
+        result = run_training(cfg, run_dir=run_dir, runs_root=runs_root, device=device, resume=resume,
+                              console=err, progress="off" if no_progress else progress, stop=stop)
+    except Stopped as e:
+        import signal
+
+        err.print(f"[yellow]stopped[/yellow] in epoch {e.epoch} after iteration {e.iteration}; checkpoint written. Continue with:\n"
+                  f"  medseg train --resume --run-dir {e.run_dir}", highlight=False, soft_wrap=True)
+        raise typer.Exit(143 if e.signum == signal.SIGTERM else 130) from None
     _print_result(result)
 
 
-def _sigterm_interrupts() -> None:
-    """A `kill` (or a scheduler's time limit) ends training like Ctrl-C, so run.json says interrupted."""
+def _stop_on_signals(stop) -> None:
+    """SIGTERM (a `kill`, a scheduler's time limit) and the first Ctrl-C ask training to stop at the next
+    step and checkpoint; a second Ctrl-C interrupts at once."""
     import signal
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.request(signum)
+        err.print("[yellow]stopping after this step (Ctrl-C again to abort without a checkpoint)[/yellow]")
 
     try:
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread (e.g. a notebook's worker): leave it alone
         pass
 
@@ -101,87 +121,125 @@ def _print_result(result) -> None:
 @app.command()
 @user_errors
 def infer(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="NIfTI file, DICOM series folder, or folder of NIfTI files.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output label map (one input) or folder (batch).")] = None,
-    run: Annotated[Path | None, typer.Option("--run", help="Run directory; default: the newest complete run under ./runs.")] = None,
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="NIfTI file, DICOM series folder, folder of NIfTI files, or a "
+                                               "dataset folder (imagesTr/ and imagesTs/, or image.nii.gz: only images are segmented).")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="PATH",
+                                                help="Output label map (one scan) or folder (a folder input).")] = None,
+    run: Annotated[Path | None, typer.Option("--run", metavar="DIR", help="Run directory; default: the newest complete run under ./runs.")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", metavar="best|last",
+                                            help="best (best validation Dice) or last (the latest checkpoint).")] = "best",
     device: DeviceOpt = "auto",
     overlap: Annotated[float | None, typer.Option("--overlap", help="Window overlap (default: the bundle's).")] = None,
     sw_batch_size: Annotated[int | None, typer.Option("--sw-batch-size", help="Windows per forward pass.")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average over mirrored inputs (8 flips).")] = False,
-    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write a 4D probability map.")] = False,
-    preview: Annotated[bool, typer.Option("--preview", help="Also write an axial/coronal/sagittal overlay PNG.")] = False,
-    labels: Annotated[list[str] | None, typer.Option("--labels", help="Keep only these classes (repeatable).")] = None,
-    window: Annotated[str, typer.Option("--window", help="Sliding window: auto, monai or stream (memory-bounded).")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    tta: Annotated[bool, typer.Option("--tta", metavar="", help="Average over mirrored inputs (8 flips).")] = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", metavar="",
+                                                     help="Also write a 4D probability map (uint8, 255 = 1).")] = False,
+    preview: Annotated[bool, typer.Option("--preview", metavar="", help="Also write an axial/coronal/sagittal overlay PNG.")] = False,
+    classes: Annotated[list[str] | None, typer.Option("--classes", metavar="NAME", help="Keep only this class (repeatable).")] = None,
+    window: Annotated[str, typer.Option("--window", metavar="auto|monai|stream",
+                                        help="Sliding window: auto, monai or stream (memory-bounded).")] = "auto",
+    resample: Annotated[str, typer.Option("--resample", metavar="auto|linear|nearest",
+                                          help="Back to the scan's grid: linear (probabilities, then argmax), nearest (labels; least "
+                                          "memory) or auto (linear unless its buffer would be large).")] = "auto",
+    series: Annotated[str | None, typer.Option("--series", metavar="UID", help="DICOM series to read from a folder holding several.")] = None,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite existing outputs (never the input).")] = False,
 ) -> None:
-    """Segment a CT scan (or a folder of scans); the label map keeps the scan's own geometry."""
+    """Segment a CT scan (or a folder of scans); the label map keeps the scan's own geometry.
+
+    In a folder, a scan that cannot be segmented is reported and skipped; the exit status is then 1."""
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from medseg.data.io import case_name
-    from medseg.engine.infer import Predictor, list_inputs, output_paths, refuse_overwrite, segment_file, wanted_outputs
+    from medseg.cli_common import check_choice
+    from medseg.engine.infer import Predictor, check_outputs, plan_inputs, segment_file, wanted_outputs
 
-    if window not in ("auto", "monai", "stream"):
-        raise MedsegError(f"--window must be auto, monai or stream, got {window!r}")
-    inputs = list_inputs(input_path)
-    batch = len(inputs) > 1 or (input_path.is_dir() and inputs[0] != input_path)
-    if batch and output is not None and output.exists() and not output.is_dir():
-        raise MedsegError(f"-o {output}: a folder input needs an output folder")
-    targets = [(output / f"{case_name(p)}_seg.nii.gz" if batch else output) if output is not None else None for p in inputs]
-    if not force:  # refuse before any work, not after the first case
-        for path, target in zip(inputs, targets):
-            refuse_overwrite(output_paths(path, target), wanted_outputs(save_probabilities, preview))
-    predictor = Predictor(run, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, method=window)
-    classes = ", ".join(list(predictor.names.values())[1:])
-    err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {classes})", soft_wrap=True, highlight=False)
-    if predictor.info.get("status") != "complete":
-        err.print(f"[yellow]note:[/yellow] this run is {predictor.info.get('status')}, not complete; using its {predictor.run_dir.name} "
-                  "best checkpoint so far", soft_wrap=True, highlight=False)
+    check_choice("--checkpoint", checkpoint, ("best", "last"))
+    check_choice("--window", window, ("auto", "monai", "stream"))
+    check_choice("--resample", resample, ("auto", "linear", "nearest"))
+    plan = plan_inputs(input_path, output)
+    check_outputs(plan, wanted_outputs(save_probabilities, preview), force)  # before any work, not after the first case
+    made_folder = plan.batch and output is not None and not output.exists()
+    predictor = Predictor(run, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, method=window,
+                          checkpoint=checkpoint, resample=resample)
+    predictor.class_subset(classes)  # an unknown name fails before the first case
+    names = ", ".join(list(predictor.names.values())[1:])
+    err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {names})", soft_wrap=True, highlight=False)
+    if predictor.run.status != "complete":
+        err.print(f"[yellow]note:[/yellow] this run is {predictor.run.status}, not complete; using its {checkpoint} checkpoint",
+                  soft_wrap=True, highlight=False)
+    failed: list[str] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err) as bar:
-        cases = bar.add_task("cases", total=len(inputs), visible=batch)
-        for path, target in zip(inputs, targets):
+        cases = bar.add_task("cases", total=len(plan.cases), visible=plan.batch)
+        for path, target in plan.cases:
             windows = bar.add_task(escape(path.name), total=None)
-            result = segment_file(predictor, path, target, force=force, save_probabilities=save_probabilities, preview=preview,
-                                  labels=labels, on_window=lambda i, n, t=windows: bar.update(t, completed=i, total=n))
-            bar.remove_task(windows)
-            bar.advance(cases)
+            try:
+                result = segment_file(predictor, path, target, force=force, save_probabilities=save_probabilities, preview=preview,
+                                      classes=classes, series=series,
+                                      on_window=lambda i, n, t=windows: bar.update(t, completed=i, total=n))
+            except MedsegError as e:
+                if not plan.batch:
+                    raise
+                message = str(e) if str(path) in str(e) else f"{path}: {e}"
+                err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+                failed.append(path.name)
+                continue
+            finally:
+                bar.remove_task(windows)
+                bar.advance(cases)
+            for note in result["notes"]:
+                err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True, highlight=False)
             seg = result["segmentation"]
             volumes = ", ".join(f"{k} {v:.0f} ml" for k, v in seg.volume_ml.items())
-            line = f"{path.name} -> {result['paths']['labels']}  ({seg.method} window, {seg.seconds:.1f} s)  {volumes}"
+            line = f"{path.name} -> {result['paths']['labels']}  ({seg.method} window, {seg.resample}, {seg.seconds:.1f} s)  {volumes}"
             out.print(escape(line), soft_wrap=True, highlight=False)
+    if plan.batch:
+        if made_folder and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()  # every case failed: leave no empty folder behind
+        done = len(plan.cases) - len(failed)
+        summary = f"{done} of {len(plan.cases)} scans segmented" + (f"; failed: {', '.join(failed)}" if failed else "")
+        out.print(escape(summary), soft_wrap=True, highlight=False)
+        if failed:
+            raise typer.Exit(1)
 
 
 @app.command()
 @user_errors
 def evaluate(
     pred: Annotated[Path, typer.Argument(help="Predicted label map, or a folder of them (X_seg.nii.gz matches X.nii.gz).")],
-    gt: Annotated[Path, typer.Argument(help="Ground-truth label map, or a folder of them.")],
-    labels: Annotated[Path | None, typer.Option("--labels", help="JSON value -> name (default: the prediction's sidecar).")] = None,
+    gt: Annotated[Path, typer.Argument(help="Ground-truth label map, or a folder of them (a Decathlon folder: its labelsTr/).")],
+    pred_labels: Annotated[Path | None, typer.Option("--pred-labels", help="JSON value -> name for PRED (default: its sidecar X_seg.json).")] = None,
+    gt_labels: Annotated[Path | None, typer.Option(
+        "--gt-labels", help="JSON value -> name (or a dataset.json) for GT (default: a Decathlon folder's dataset.json).")] = None,
+    nsd_tolerance: Annotated[float, typer.Option("--nsd-tolerance", min=0.0, help="Normalised surface Dice tolerance in mm.")] = 2.0,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Prefix for .csv and .json (default: beside PRED).")] = None,
 ) -> None:
-    """Per-class Dice, IoU, precision, recall, accuracy and HD95 (mm), printed and written as CSV/JSON."""
+    """Per-class Dice, IoU, precision, recall, accuracy, HD95 (mm) and NSD, classes matched by name; printed and written as CSV/JSON."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from medseg.data.io import case_name
-    from medseg.engine.evaluate import METRICS, write_report
+    from medseg.engine.evaluate import METRICS, check_writable, report_prefix, write_report
     from medseg.engine.evaluate import evaluate as run_evaluate
 
-    report = run_evaluate(pred, gt, labels)
-    table = Table(title=f"{len(report.cases)} case(s), mean over cases")
+    prefix = report_prefix(pred, output)
+    check_writable(prefix)
+    report = run_evaluate(pred, gt, pred_labels=pred_labels, gt_labels=gt_labels, nsd_tolerance=nsd_tolerance)
+    for note in report.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+    table = Table(title=f"{len(report.cases)} case(s), mean over cases; NSD at {nsd_tolerance:g} mm")
     table.add_column("class")
     for m in METRICS:
         table.add_column(m, justify="right")
+
     def fmt(v: float) -> str:
         return "-" if v != v else f"{v:.3f}"  # NaN: not defined for this class
 
     for name, values in report.mean.items():
-        table.add_row(name, *(fmt(values[m]) for m in METRICS))
+        table.add_row(escape(name), *(fmt(values[m]) for m in METRICS))
     s = report.summary
     table.add_row("[bold]mean (foreground)[/bold]", *(fmt(s[f"mean_{m}"]) for m in METRICS))
     table.add_row("mean (with background)", *(fmt(s[f"mean_{m}_with_background"]) for m in METRICS))
     out.print(table)
-    prefix = output or (pred / "evaluation" if pred.is_dir() else pred.with_name(case_name(pred) + "_metrics"))
     csv_path, json_path = write_report(report, prefix)
     out.print(f"wrote {csv_path} and {json_path}", soft_wrap=True, highlight=False)
 

@@ -23,6 +23,37 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 TrackingOpt = Annotated[str, typer.Option("--tracking", help="mlflow (default) or none.")]
 
 
+def _one_line_usage_error(e) -> None:
+    """Typer draws a usage error (unknown option, bad value) as a multi-line panel; medseg's rule is
+    one line for anything a user got wrong. Installed below in place of typer's formatter."""
+    if e.__class__.__name__ == "NoArgsIsHelpError":  # `medseg train` with nothing: the help was shown
+        return
+    from rich.markup import escape
+
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    err.print(f"[bold red]error:[/bold red] {escape(e.format_message())}{escape(hint)}", highlight=False, soft_wrap=True)
+
+
+def _install_one_line_usage_errors() -> None:
+    from typer import rich_utils
+
+    rich_utils.rich_format_error = _one_line_usage_error
+
+
+_install_one_line_usage_errors()
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """One line with the closest valid choice for a mistyped option value."""
+    if value not in choices:
+        import difflib
+
+        match = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        raise MedsegError(f"{option} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}{hint}")
+
+
 def user_errors(fn):
     """Turn a MedsegError into one red line and exit status 2."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 from medseg.errors import BundleError
 
+MAX_ROI_VOXELS = 512**3  # no GPU trains a larger patch; a typo like [20000,20000,1] fails here, not in an allocation
 PHANTOM_LABELS = ["liver", "spleen", "kidney_right", "kidney_left", "vertebrae", "aorta"]
 
 
@@ -78,6 +80,9 @@ class TrainConfig:
     amp: bool = True
     grad_checkpointing: bool = False
     val_interval: int = 1
+    # When to write checkpoint.pt besides the end of training and a requested stop: "epoch",
+    # "<N>it" (every N optimiser steps) or "<N>min" (every N minutes of training).
+    checkpoint_every: str = "10min"
     seed: int = 0
 
 
@@ -129,12 +134,18 @@ def load_bundle(path: str | Path | None = None, overrides: list[str] | None = No
 
 def read_bundle_json(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise BundleError(f"bundle {p} is a folder; give a bundle JSON file, e.g. bundles/swin_unetr.json")
     if not p.is_file():
         raise BundleError(f"bundle not found: {p}")
     try:
         raw = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"bundle {p} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BundleError(f"bundle {p} is nested too deeply") from None
+    except OSError as e:
+        raise BundleError(f"cannot read bundle {p}: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise BundleError(f"bundle {p} must hold a JSON object at the top level")
     return raw
@@ -157,7 +168,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise BundleError(f"override {item!r} must look like section.key=value")
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         value = text
     return key.strip().split("."), value
 
@@ -273,9 +284,33 @@ def _check_values(b: Bundle) -> None:
     need(t.epochs >= 1, "train.epochs must be >= 1")
     need(t.iterations_per_epoch is None or t.iterations_per_epoch >= 1, "train.iterations_per_epoch must be >= 1 or null")
     need(t.val_interval >= 1, "train.val_interval must be >= 1")
+    try:
+        parse_checkpoint_every(t.checkpoint_every)
+    except ValueError as e:
+        raise BundleError(f"train.checkpoint_every: {e}") from None
+    for key, roi in (("train.roi", t.roi), ("sliding_window.roi", sw.roi)):
+        if roi is not None and len(roi) == 3 and math.prod(roi) > MAX_ROI_VOXELS:
+            raise BundleError(f"{key} {roi} has {math.prod(roi):,} voxels per patch; at most {MAX_ROI_VOXELS:,} (512^3)")
     need(sw.roi is None or (len(sw.roi) == 3 and all(r >= 1 for r in sw.roi)), "sliding_window.roi must be 3 positive integers or null")
     need(sw.sw_batch_size >= 1, "sliding_window.sw_batch_size must be >= 1")
     need(0.0 <= sw.overlap < 1.0, "sliding_window.overlap must be in [0, 1)")
+
+
+def parse_checkpoint_every(text: str) -> tuple[str, float]:
+    """``"epoch"`` -> ("epoch", 1); ``"500it"`` -> ("it", 500); ``"10min"`` -> ("min", 10)."""
+    s = str(text).strip().lower()
+    if s == "epoch":
+        return "epoch", 1.0
+    for unit in ("min", "it"):
+        if s.endswith(unit):
+            try:
+                value = float(s[: -len(unit)])
+            except ValueError:
+                break
+            if value > 0 and (unit == "min" or value == int(value)):
+                return unit, value
+            break
+    raise ValueError(f"{text!r} must be \"epoch\", \"<N>it\" (optimiser steps) or \"<N>min\" (minutes), e.g. \"500it\" or \"10min\"")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

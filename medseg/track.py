@@ -32,6 +32,9 @@ class NullTracker:
     uri: str | None = None
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
+    def resume(self, run_id: str) -> None: ...
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
@@ -40,13 +43,13 @@ class NullTracker:
 
 
 class MlflowTracker:
-    def __init__(self, cfg: TrackingConfig) -> None:
+    def __init__(self, cfg: TrackingConfig, uri: str | None = None) -> None:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         import mlflow
 
         self.mlflow = mlflow
-        self.uri = tracking_uri(cfg)
+        self.uri = uri or tracking_uri(cfg)
         self.experiment = cfg.experiment
         self.run_id: str | None = None
         mlflow.set_tracking_uri(self.uri)
@@ -67,6 +70,17 @@ class MlflowTracker:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.mlflow.log_params(dict(items[i : i + 100]))
 
+    def resume(self, run_id: str) -> None:
+        """Continue the run ``run_id`` in the store this tracker was made for (the one saved in run.json)."""
+        self.mlflow.start_run(run_id=run_id)
+        self.run_id = run_id
+
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps at which ``key`` was logged in this run (to fill gaps left by a killed process)."""
+        if self.run_id is None:
+            return set()
+        return {m.step for m in self.mlflow.MlflowClient(tracking_uri=self.uri).get_metric_history(self.run_id, key)}
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}  # drop None / NaN
         if clean:
@@ -80,13 +94,14 @@ class MlflowTracker:
             self.mlflow.end_run(status=status)
 
 
-def make_tracker(cfg: TrackingConfig):
+def make_tracker(cfg: TrackingConfig, uri: str | None = None):
+    """``uri`` (a resumed run's own store) wins over the environment and the bundle."""
     if cfg.backend == "none":
         return NullTracker()
     try:
-        return MlflowTracker(cfg)
+        return MlflowTracker(cfg, uri)
     except Exception as e:  # an unreachable server, a read-only folder, a bad URI
         from medseg.errors import MedsegError
 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MedsegError(f"MLflow tracking at {tracking_uri(cfg)} failed ({first}); fix it or pass --tracking none") from None
+        raise MedsegError(f"MLflow tracking at {uri or tracking_uri(cfg)} failed ({first}); fix it or pass --tracking none") from None

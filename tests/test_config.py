@@ -89,3 +89,78 @@ def test_resolved_bundle_round_trips_and_flattens():
     assert again == b
     flat = flatten(b.to_dict())
     assert flat["train.lr"] == b.train.lr and flat["data.spacing"] == b.data.spacing
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: whatever JSON a user writes, parsing a bundle ends in a Bundle or one BundleError.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from medseg.config import parse_checkpoint_every  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False, width=32)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_keys = st.sampled_from(["model", "data", "train", "sliding_window", "tracking", "description", "model.name", "model.args",
+                         "data.labels", "data.spacing", "data.hu_window", "data.source_labels", "data.phantom", "train.roi",
+                         "train.epochs", "train.lr", "train.checkpoint_every", "train.sampling", "train.pos_neg",
+                         "sliding_window.roi", "sliding_window.overlap", "tracking.backend", "nonsense", "train.nonsense"])
+
+
+def _nest(key: str, value):
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_keys, _json), max_size=4))
+def test_any_json_bundle_parses_or_fails_with_one_bundle_error(pairs):
+    raw: dict = {}
+    for key, value in pairs:
+        node, parts = raw, key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = child if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    try:
+        assert isinstance(bundle_from_dict(raw), Bundle)
+    except BundleError as e:
+        assert "\n" not in str(e) and str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_any_override_string_parses_or_fails_with_one_bundle_error(item):
+    try:
+        bundle_from_dict({}, [item])
+    except BundleError as e:
+        assert "\n" not in str(e)
+
+
+def test_pathological_values_are_one_line(tmp_path):
+    for item in ["train.lr=NaN", "train.epochs=Infinity", "data.spacing=[NaN,1,1]", "sliding_window.overlap=NaN",
+                 "train.roi=" + "[" * 5000 + "]" * 5000, "train.roi=[20000,20000,1]", "train.checkpoint_every=soon"]:
+        with pytest.raises(BundleError) as e:
+            bundle_from_dict({}, [item])
+        assert "\n" not in str(e.value)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(BundleError, match="nested too deeply"):
+        load_bundle(deep)
+    with pytest.raises(BundleError, match="is a folder"):
+        load_bundle(tmp_path)
+
+
+@given(st.text(max_size=10))
+def test_checkpoint_every_is_parsed_or_refused(text):
+    try:
+        kind, value = parse_checkpoint_every(text)
+    except ValueError:
+        return
+    assert kind in ("epoch", "it", "min") and value > 0

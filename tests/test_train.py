@@ -69,11 +69,12 @@ def test_run_directory_describes_itself_and_resumes(workdir):
     result = train(bundle, show_progress=False)
     run = result.run_dir
     assert re.fullmatch(r"UNETR-AdamW-DiceCE-\d{8}-\d{4}-run01", run.name)
-    for name in ("run.json", "bundle.json", "labels.json", "model_best.pt", "model_last.pt", "checkpoint.pt",
+    for name in ("run.json", "bundle.json", "labels.json", "model_best.pt", "checkpoint.pt",
                  "metrics.csv", "model_summary.txt", "splits.json"):
         assert (run / name).is_file(), name
+    assert not (run / "model_last.pt").exists()  # the last weights live in checkpoint.pt, not in a second copy
     info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "complete" and info["best_epoch"] == 1 and info["format_version"] == 1
+    assert info["status"] == "complete" and info["best_epoch"] == 1 and info["format_version"] == 2
     assert json.loads((run / "labels.json").read_text()) == {"0": "background", "1": "liver", "2": "spleen"}
     saved = load_bundle(run / "bundle.json")
     assert saved.model.args["hidden_size"] == 96 and saved.train.roi == [32, 32, 32]

@@ -1,4 +1,5 @@
-"""Loss, optimiser and learning-rate schedule named by a bundle, and their display names for runs."""
+"""Loss and optimiser named by a bundle, and their display names for runs (the learning-rate
+schedule is in ``engine/state.py``: a pure function of the step, so resume can reproduce it)."""
 
 from __future__ import annotations
 
@@ -40,12 +41,3 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":  # nnU-Net's choice
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-
-
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Stepped once per iteration. "poly" is nnU-Net's (1 - t/T)^0.9."""
-    if cfg.scheduler == "none":
-        return None
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps) / max(1, total_steps)) ** 0.9)

@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from medseg import RUN_FORMAT_VERSION, __version__
+from medseg import READABLE_RUN_FORMATS, RUN_FORMAT_VERSION, __version__
 from medseg.config import Bundle, bundle_from_dict, flatten
 from medseg.errors import BundleError, MedsegError
 
@@ -106,9 +106,9 @@ class Run:
         info = _read_json(path / RUN_FILE, "run file")
         if not isinstance(info, dict):
             raise MedsegError(f"{path / RUN_FILE}: corrupt run file (not a JSON object)")
-        if info.get("format_version") != RUN_FORMAT_VERSION:
+        if info.get("format_version") not in READABLE_RUN_FORMATS:
             raise MedsegError(f"{path}: run format {info.get('format_version')} is not supported by this medseg "
-                              f"(needs {RUN_FORMAT_VERSION})")
+                              f"(reads {', '.join(map(str, READABLE_RUN_FORMATS))})")
         return cls(path, info)
 
     @property
@@ -142,6 +142,8 @@ class Run:
     def weights_path(self, which: str = "best") -> Path:
         if which not in ("best", "last"):
             raise MedsegError(f"checkpoint must be best or last, got {which!r}")
+        if which == "last" and self.info.get("format_version") == 1:
+            return self.path / "model_last.pt"
         return self.path / (BEST if which == "best" else CHECKPOINT)
 
     def load_state_dict(self, which: str = "best") -> dict:
@@ -155,12 +157,15 @@ class Run:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated file, not a torch file
             raise MedsegError(f"{path}: cannot load weights ({type(e).__name__}: {_cause(e)})") from None
-        return state["model"] if which == "last" else state
+        return state["model"] if which == "last" and isinstance(state, dict) and "optimizer" in state else state
 
     def build_model(self, which: str = "best", device: str | Any = "cpu"):
         """The run's network with its ``which`` weights, in eval mode on ``device``."""
         bundle = self.bundle
-        model = build_model(bundle)
+        try:
+            model = build_model(bundle)
+        except BundleError as e:
+            raise MedsegError(f"{self.path / 'bundle.json'}: {e}") from None
         state = self.load_state_dict(which)
         try:
             model.load_state_dict(state)
@@ -326,6 +331,9 @@ class Run:
     def check_resume(self, bundle: Bundle) -> list[str]:
         """Refuse (before anything is written) a resume whose bundle changes what the weights were
         trained for; return the allowed changes, for the log."""
+        if self.info.get("format_version") != RUN_FORMAT_VERSION:
+            raise MedsegError(f"{self.path} was written by an older medseg (run format {self.info.get('format_version')}); "
+                              "its checkpoint cannot be resumed: start a new run (inference still reads it)")
         old = flatten(self.bundle.to_dict())
         new = flatten(bundle.to_dict())
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

@@ -1,30 +1,38 @@
 """``train(bundle)``: from a validated bundle to a complete, self-describing run directory.
 
-Everything a user can get wrong (bundle keys, model arguments, ROI, data files, label values) is
-checked before the run directory is created. The directory's ``run.json`` says ``running`` while
-training, ``complete`` only after the last epoch's files are written, ``failed``/``interrupted``
-otherwise, and inference uses complete runs only.
+Everything a user can get wrong (bundle keys, model arguments, ROIs, data files, label values, an
+incompatible resume) is checked before the run directory is created or touched. The directory is
+owned by a :class:`~medseg.engine.run.Run`, locked while training; ``run.json`` says ``running``
+(with pid and heartbeat), then ``complete``, ``interrupted`` or ``failed``.
+
+Resume is exact: the checkpoint holds the model, optimizer, gradient scaler, learning-rate schedule,
+position (epoch, iteration, global step), RNG states and the metric history, and the data stream of
+each epoch is seeded from (seed, epoch), so N epochs straight and N/2 + resume N/2 give the same
+weights bit for bit on the CPU. A stop requested by a signal (see :class:`StopFlag`) finishes the
+current optimiser step, writes a checkpoint and raises :class:`Stopped`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from medseg.config import Bundle, bundle_from_dict, flatten
-from medseg.engine.components import LOSS_NAMES, OPTIMIZER_NAMES, make_loss, make_optimizer, make_scheduler
+from medseg.config import Bundle, bundle_from_dict, flatten, parse_checkpoint_every
+from medseg.engine.components import LOSS_NAMES, OPTIMIZER_NAMES, make_loss, make_optimizer
+from medseg.engine.device import amp_mode, autocast, grad_scaler, resolve_device
+from medseg.engine.hooks import test_hook
 from medseg.engine.progress import TrainProgress
-from medseg.engine.rundir import append_metrics, labels_json, new_run_info, next_run_name, read_run, write_json
+from medseg.engine.run import Run, build_model
+from medseg.engine.state import capture_rng, continue_schedule, epoch_seed, lr_at, new_schedule, restore_rng
 from medseg.errors import MedsegError
+
+__all__ = ["StopFlag", "Stopped", "TrainResult", "build_model", "load_bundle_for_resume", "train"]
 
 
 @dataclass
@@ -37,32 +45,30 @@ class TrainResult:
     tracking_run_id: str | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MedsegError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise MedsegError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
+class StopFlag:
+    """Set from a signal handler; training stops at the next step (or validation case) boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def request(self, signum: int) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
 
-def amp_context(enabled: bool, device: torch.device):
-    """bf16 autocast where the GPU supports it, else fp16 with a gradient scaler; off on CPU."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext, None, "off"
-    if torch.cuda.is_bf16_supported():
-        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None, "bf16"
-    return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda"), "fp16"
+class Stopped(Exception):
+    """Training stopped on request after writing a checkpoint; ``medseg train --resume`` continues."""
+
+    def __init__(self, run_dir: Path, epoch: int, iteration: int, signum: int | None) -> None:
+        super().__init__(f"stopped in epoch {epoch} after iteration {iteration}; checkpoint written to {run_dir}")
+        self.run_dir, self.epoch, self.iteration, self.signum = run_dir, epoch, iteration, signum
 
 
-def build_model(bundle: Bundle):
-    from medseg.models import check_roi, create_model
-
-    model = create_model(bundle.model.name, out_channels=len(bundle.data.labels) + 1, roi=bundle.train.roi,
-                         grad_checkpointing=bundle.train.grad_checkpointing, **bundle.model.args)
-    check_roi(bundle.model.name, bundle.infer_roi)
-    return model
+class _StopNow(Exception):
+    pass
 
 
 def model_summary(model: torch.nn.Module) -> str:
@@ -74,198 +80,130 @@ def model_summary(model: torch.nn.Module) -> str:
     return "\n".join(lines + ["", repr(model)]) + "\n"
 
 
-def _save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def resolve_paths(bundle: Bundle) -> Bundle:
+    """The bundle with data paths made absolute, as saved in the run (so it can be resumed from anywhere)."""
+    raw = bundle.to_dict()
+    if bundle.data.source != "phantom":
+        raw["data"]["source"] = str(Path(bundle.data.source).expanduser().resolve())
+    if isinstance(bundle.data.source_labels, str):
+        raw["data"]["source_labels"] = str(Path(bundle.data.source_labels).expanduser().resolve())
+    return bundle_from_dict(raw)
+
+
+def load_bundle_for_resume(run_dir: str | Path, overrides: list[str] | None) -> Bundle:
+    """The run's own resolved bundle, with ``--set`` overrides (typically a larger train.epochs)."""
+    run = Run.open(run_dir)
+    return bundle_from_dict(run.bundle.to_dict(), overrides)
+
+
+class CheckpointPolicy:
+    """``train.checkpoint_every``: "epoch", "<N>it" or "<N>min" (the end of training and a stop always write)."""
+
+    def __init__(self, spec: str, step: int) -> None:
+        self.kind, self.value = parse_checkpoint_every(spec)
+        self.last_step, self.last_time = step, time.time()
+
+    def due(self, step: int, epoch_end: bool) -> bool:
+        if self.kind == "epoch":
+            return epoch_end
+        if self.kind == "it":
+            return step - self.last_step >= self.value
+        return time.time() - self.last_time >= 60 * self.value
+
+    def written(self, step: int) -> None:
+        self.last_step, self.last_time = step, time.time()
 
 
 def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str | Path = "runs", device: str = "auto",
-          resume: bool = False, console: Console | None = None, show_progress: bool = True) -> TrainResult:
-    """Train ``bundle``; write the run to ``run_dir`` (default ``runs_root/<run name>``).
+          resume: bool = False, console: Console | None = None, show_progress: bool = True, progress: str = "auto",
+          stop: StopFlag | None = None) -> TrainResult:
+    """Train ``bundle`` into ``run_dir`` (default ``runs_root/<run name>``).
 
-    With ``resume=True``, ``run_dir`` must hold a run from an earlier call; training continues
-    from its ``checkpoint.pt`` up to ``bundle.train.epochs``."""
-    from monai.data import CacheDataset, DataLoader, Dataset
+    ``resume=True`` continues the run in ``run_dir`` from its checkpoint (or from the start if it was
+    killed before its first one) up to ``bundle.train.epochs``. ``progress``: "auto" (rich bars on a
+    terminal, plain lines otherwise), "rich", "plain" or "off"."""
     from monai.utils import set_determinism
 
     from medseg.data.datasets import prepare
-    from medseg.data.transforms import train_transforms, val_transforms
-    from medseg.engine.validate import validate
-    from medseg.models import get_spec
-    from medseg.track import NullTracker, make_tracker
+    from medseg.models import check_window, get_spec
+    from medseg.track import make_tracker
 
     console = console or Console(stderr=True)
-    t = bundle.train
     dev = resolve_device(device)
+    bundle = resolve_paths(bundle)
+    t = bundle.train
 
     # --- everything that can fail on user input, before anything is written ----------------------
-    previous = None
+    run: Run | None = None
+    ckpt: dict | None = None
+    notes: list[str] = []
     if resume:
         if run_dir is None:
             raise MedsegError("--resume needs the run directory to continue (--run-dir)")
-        previous = read_run(run_dir)
-        if not (Path(run_dir) / "checkpoint.pt").is_file():
-            raise MedsegError(f"{run_dir}: no checkpoint.pt to resume from")
-        done = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"]
-        if done >= t.epochs:  # before run.json is touched: a complete run must stay complete
-            raise MedsegError(f"{run_dir} already trained {done} epochs; raise train.epochs to continue")
+        run = Run.open(run_dir)
+        if run.status == "running":
+            raise MedsegError(f"{run_dir} is being trained by another process (pid {run.info.get('pid')} on {run.info.get('host')})")
+        notes += [f"resume changes {c}" for c in run.check_resume(bundle)]
+        ckpt = run.checkpoint()
+        if ckpt is not None and ckpt["epoch"] >= t.epochs:
+            raise MedsegError(f"{run_dir} already trained {ckpt['epoch']} epochs; raise train.epochs to continue")
+        if ckpt is None:
+            notes.append(f"{run.path.name} has no checkpoint (it stopped before its first one): training it from the start")
     elif run_dir is not None and (Path(run_dir) / "run.json").exists():
-        raise MedsegError(f"{run_dir} already holds a run; choose another --run-dir or pass --resume")
+        raise MedsegError(f"{run_dir} already holds a run; choose another --run-dir, or continue it with --resume")
     set_determinism(seed=t.seed)
     model = build_model(bundle)
+    check_window(bundle.model.name, t.roi, bundle.infer_roi)
     spec = get_spec(bundle.model.name)
+    mode = progress if show_progress else "off"
 
     def data_progress(stage: str, i: int, n: int) -> None:
-        if show_progress and i == n:
+        if mode != "off" and i == n:
             console.print(f"[dim]{'phantom: ' if stage == 'phantom' else 'checked '}{n} cases{' ready' if stage == 'phantom' else ''}[/dim]")
 
-    found, lut, train_cases, val_cases, notes = prepare(bundle.data, bundle.data.labels, data_progress)
-    for note in notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+    _, lut, train_cases, val_cases, data_notes = prepare(bundle.data, bundle.data.labels, data_progress)
+    splits = {"train": [c.as_dict() for c in train_cases], "val": [c.as_dict() for c in val_cases]}
+    if run is not None:
+        _check_same_split(run, splits)
+    tracker = make_tracker(bundle.tracking, uri=run.info.get("tracking_uri") if run is not None else None)
 
-    tracker = make_tracker(bundle.tracking)
-    prefix = f"{spec.display}-{OPTIMIZER_NAMES[t.optimizer]}-{LOSS_NAMES[t.loss]}"
-    if previous is not None:
-        name, run_dir = previous["name"], Path(run_dir)
+    # --- the run directory (locked from here on) ---------------------------------------------------
+    amp = amp_mode(t.amp, dev)
+    extra = {"device": str(dev), "amp": amp, "torch_version": torch.__version__,
+             "train_cases": [c.name for c in train_cases], "val_cases": [c.name for c in val_cases],
+             "parameters": sum(p.numel() for p in model.parameters())}
+    if run is None:
+        prefix = f"{spec.display}-{OPTIMIZER_NAMES[t.optimizer]}-{LOSS_NAMES[t.loss]}"
+        run = Run.create(prefix, run_dir=run_dir, runs_root=runs_root, model=bundle.model.name,
+                         tracked_names=tracker.run_names(), extra=extra)
     else:
-        name = next_run_name(prefix, Path(runs_root), datetime.now().strftime("%Y%m%d-%H%M"), tracker.run_names())
-        run_dir = Path(run_dir) if run_dir is not None else Path(runs_root) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    # --- the run directory ------------------------------------------------------------------------
-    amp_ctx, scaler, amp_mode = amp_context(t.amp, dev)
-    resolved = bundle.to_dict()
-    if bundle.data.source != "phantom":
-        resolved["data"]["source"] = str(Path(bundle.data.source).expanduser().resolve())
-    if isinstance(bundle.data.source_labels, str):
-        resolved["data"]["source_labels"] = str(Path(bundle.data.source_labels).expanduser().resolve())
-    bundle = bundle_from_dict(resolved)
-    info = new_run_info(name, bundle.model.name, {
-        "created": (previous or {}).get("created", datetime.now().isoformat(timespec="seconds")),
-        "device": str(dev), "amp": amp_mode, "torch_version": torch.__version__,
-        "train_cases": [c.name for c in train_cases], "val_cases": [c.name for c in val_cases],
-        "parameters": sum(p.numel() for p in model.parameters()),
-    })
-    if previous is not None:
-        info.update({k: previous[k] for k in ("best_dice", "best_epoch", "tracking_run_id") if k in previous})
-    write_json(run_dir / "run.json", info)
-    write_json(run_dir / "bundle.json", bundle.to_dict())
-    write_json(run_dir / "labels.json", labels_json(bundle.data.labels))
-    write_json(run_dir / "splits.json", {"train": [c.as_dict() for c in train_cases], "val": [c.as_dict() for c in val_cases]})
-    (run_dir / "model_summary.txt").write_text(model_summary(model))
-
-    history: list[dict[str, Any]] = []
+        run.acquire()
+        run.info.update(extra)
+        run.mark_running()
     try:
-        model = model.to(dev)
-        optimizer = make_optimizer(t, model.parameters())
-        train_ds_cls = CacheDataset if bundle.data.cache else Dataset
-        cache_kw = {"cache_rate": 1.0, "num_workers": None, "progress": False} if bundle.data.cache else {}
-        train_ds = train_ds_cls([c.as_dict() for c in train_cases], train_transforms(bundle, lut), **cache_kw)
-        val_ds = train_ds_cls([c.as_dict() for c in val_cases], val_transforms(bundle, lut), **cache_kw)
-        generator = torch.Generator().manual_seed(t.seed)
-        train_loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, num_workers=bundle.data.num_workers,
-                                  generator=generator, pin_memory=dev.type == "cuda")
-        val_loader = DataLoader(val_ds, batch_size=1, num_workers=bundle.data.num_workers)
-        iters = t.iterations_per_epoch or len(train_loader)
-        scheduler = make_scheduler(t, optimizer, iters * t.epochs)
-        loss_fn = make_loss(t.loss)
-
-        start_epoch, step, best, best_epoch = 1, 0, float("-inf"), 0
-        if previous is not None:
-            ckpt = torch.load(run_dir / "checkpoint.pt", map_location=dev, weights_only=True)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler is not None and ckpt.get("scheduler"):
-                scheduler.load_state_dict(ckpt["scheduler"])
-            start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-            best, best_epoch = ckpt["best_dice"], ckpt["best_epoch"]
-
-        if previous is not None and previous.get("tracking_run_id") and not isinstance(tracker, NullTracker):
-            tracker.mlflow.start_run(run_id=previous["tracking_run_id"])
-            tracker.run_id = previous["tracking_run_id"]
-        else:
-            params = flatten(bundle.to_dict())
-            params.update({"parameters": info["parameters"], "device": str(dev), "amp_mode": amp_mode,
-                           "train_cases": len(train_cases), "val_cases": len(val_cases)})
-            tracker.start(name, params, {"medseg.model": spec.display, "medseg.run_dir": str(run_dir.resolve())})
-            tracker.log_artifact(run_dir / "bundle.json")
-            tracker.log_artifact(run_dir / "model_summary.txt")
-            tracker.log_artifact(run_dir / "labels.json")
-        info["tracking_run_id"] = tracker.run_id
-        info["tracking_uri"] = getattr(tracker, "uri", None)
-        write_json(run_dir / "run.json", info)
-        tracker.log_metrics({"parameters": info["parameters"]}, step=0)
-
-        progress = TrainProgress(console, t.epochs, iters, len(val_cases), enabled=show_progress, first_epoch=start_epoch)
-        with progress:
-            for epoch in range(start_epoch, t.epochs + 1):
-                t0 = time.time()
-                losses = train_epoch(model=model, loader=train_loader, iterations=iters, loss_fn=loss_fn, optimizer=optimizer,
-                                     scheduler=scheduler, scaler=scaler, autocast=amp_ctx, device=dev,
-                                     on_step=lambda loss, e=epoch: progress.advance_train(e, loss))
-                step += len(losses)
-                row: dict[str, Any] = {"epoch": epoch, "train_loss": sum(losses) / len(losses),
-                                       "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": round(time.time() - t0, 2)}
-                metrics = {"train_loss": row["train_loss"], "lr": row["lr"]}
-                if epoch % t.val_interval == 0 or epoch == t.epochs:
-                    result = validate(model, val_loader, bundle, dev, amp_ctx, on_case=progress.advance_val)
-                    row.update({"val_mean_dice": result["mean_dice"], "val_mean_iou": result["mean_iou"]})
-                    row.update({f"val_dice_{k}": v for k, v in result["dice"].items()})
-                    metrics.update({k: v for k, v in row.items() if k.startswith("val_")})
-                    progress.show_dice(result["mean_dice"])
-                    score = result["mean_dice"] if math.isfinite(result["mean_dice"]) else float("-inf")
-                    if score > best or best_epoch == 0:
-                        best, best_epoch = score, epoch
-                        _save(model.state_dict(), run_dir / "model_best.pt")
-                _save(model.state_dict(), run_dir / "model_last.pt")
-                _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                       "epoch": epoch, "step": step, "best_dice": best, "best_epoch": best_epoch}, run_dir / "checkpoint.pt")
-                append_metrics(run_dir / "metrics.csv", row)
-                tracker.log_metrics(metrics, step=epoch)
-                history.append(row)
-
-        tracker.log_artifact(run_dir / "metrics.csv")
-        tracker.log_artifact(run_dir / "model_best.pt")
-        info.update({"status": "complete", "finished": datetime.now().isoformat(timespec="seconds"),
-                     "epochs": t.epochs, "best_dice": best, "best_epoch": best_epoch})
-        write_json(run_dir / "run.json", info)
-        tracker.end("FINISHED")
-    except BaseException as e:
-        info.update({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                     "error": f"{type(e).__name__}: {e}"})
-        write_json(run_dir / "run.json", info)
-        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    return TrainResult(run_dir, name, best, best_epoch, history, tracker.run_id)
+        for note in data_notes + notes:
+            console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+        run.write_description(bundle, splits, model_summary(model))
+        session = _Session(bundle, run, model, dev, amp, lut, train_cases, val_cases, console, mode, stop or StopFlag(), tracker)
+        return session.fit(ckpt)
+    finally:
+        run.release()
 
 
-def train_epoch(*, model, loader, iterations: int, loss_fn, optimizer, scheduler, scaler, autocast, device, on_step) -> list[float]:
-    """``iterations`` optimiser steps over ``loader`` (restarted as often as needed); the losses."""
-    model.train()
-    losses: list[float] = []
-    batches = _cycle(loader)
-    for _ in range(iterations):
-        batch = next(batches)
-        x, y = batch["image"].to(device), batch["label"].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            raise MedsegError(f"the loss became {loss.item()} after {len(losses)} steps of this epoch (lower train.lr, or check the data)")
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        losses.append(loss.item())
-        on_step(losses[-1])
-    return losses
+def _check_same_split(run: Run, splits: dict[str, list]) -> None:
+    import json
+
+    try:
+        saved = json.loads((run.path / "splits.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # killed before the description was written: nothing to compare with
+    for part in ("train", "val"):
+        old = sorted(c["name"] for c in saved.get(part, []))
+        new = sorted(c["name"] for c in splits[part])
+        if old != new:
+            gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+            what = f"{len(gone)} gone (first: {gone[0]})" if gone else f"{len(added)} new (first: {added[0]})"
+            raise MedsegError(f"cannot resume {run.path.name}: its {part} cases changed since it started ({what}); start a new run")
 
 
 def _cycle(loader):
@@ -273,11 +211,225 @@ def _cycle(loader):
         yield from loader
 
 
-def load_bundle_for_resume(run_dir: str | Path, overrides: list[str] | None) -> Bundle:
-    """The run's own resolved bundle, with ``--set`` overrides (typically a larger train.epochs)."""
-    import json
+class _Session:
+    """One training process's state: built once, then :meth:`fit` runs the epochs."""
 
-    read_run(run_dir)
-    path = Path(run_dir) / "bundle.json"
-    return bundle_from_dict(json.loads(path.read_text()), overrides)
+    def __init__(self, bundle: Bundle, run: Run, model, dev, amp: str, lut, train_cases, val_cases, console, mode, stop, tracker):
+        from monai.data import CacheDataset, DataLoader, Dataset
 
+        from medseg.data.transforms import train_transforms, val_transforms
+
+        self.bundle, self.run, self.dev, self.amp, self.console, self.stop, self.tracker = bundle, run, dev, amp, console, stop, tracker
+        t = self.t = bundle.train
+        self.model = model.to(dev)
+        self.optimizer = make_optimizer(t, self.model.parameters())
+        self.scaler = grad_scaler(amp)
+        self.autocast = autocast(amp, dev)
+        self.loss_fn = make_loss(t.loss)
+        ds_cls = CacheDataset if bundle.data.cache else Dataset
+        kw = {"cache_rate": 1.0, "num_workers": None, "progress": False} if bundle.data.cache else {}
+        self.train_ds = ds_cls([c.as_dict() for c in train_cases], train_transforms(bundle, lut), **kw)
+        self.val_ds = ds_cls([c.as_dict() for c in val_cases], val_transforms(bundle, lut), **kw)
+        self.generator = torch.Generator()
+        self.loader = DataLoader(self.train_ds, batch_size=t.batch_size, shuffle=True, num_workers=bundle.data.num_workers,
+                                 generator=self.generator, pin_memory=dev.type == "cuda")
+        self.iters = t.iterations_per_epoch or len(self.loader)
+        self.mode = mode
+        self.n_val = len(val_cases)
+        # position and history
+        self.epoch_done, self.iteration, self.step = 0, 0, 0
+        self.epoch_losses: list[float] = []
+        self.epoch_seconds = 0.0
+        self.best, self.best_epoch = float("-inf"), 0
+        self.history: list[dict[str, Any]] = []
+        self.schedule = new_schedule(t.scheduler, t.lr, self.iters * t.epochs)
+
+    # -- checkpoint -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "schedule": self.schedule,
+                "epoch": self.epoch_done, "iteration": self.iteration, "step": self.step, "iterations_per_epoch": self.iters,
+                "epoch_losses": list(self.epoch_losses), "epoch_seconds": self.epoch_seconds,
+                "best_dice": self.best, "best_epoch": self.best_epoch, "history": self.history, "rng": capture_rng(), "amp": self.amp}
+
+    def checkpoint(self) -> None:
+        self.run.save_checkpoint(self.state())
+        self.run.heartbeat(force=True)
+
+    def restore(self, ckpt: dict) -> dict | None:
+        """Load ``ckpt``; return its RNG states, to be restored once the data stream is repositioned."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch_done, self.iteration, self.step = ckpt["epoch"], ckpt["iteration"], ckpt["step"]
+        self.epoch_losses, self.epoch_seconds = list(ckpt["epoch_losses"]), ckpt["epoch_seconds"]
+        self.best, self.best_epoch = ckpt["best_dice"], ckpt["best_epoch"]
+        self.history = [dict(row) for row in ckpt["history"]]
+        self.schedule, note = continue_schedule(ckpt["schedule"], self.step, self.t.scheduler, self.t.lr, self.step_total())
+        if note:
+            self.console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+        return ckpt["rng"]
+
+    def step_total(self) -> int:
+        """Optimiser steps when the run is done (iterations per epoch may have changed on resume)."""
+        return self.step - self.iteration + self.iters * (self.t.epochs - self.epoch_done)
+
+    # -- the data stream ----------------------------------------------------------------------------
+    def batches(self, epoch: int, skip: int):
+        """Epoch ``epoch``'s batches, seeded from (seed, epoch) alone; the first ``skip`` are drawn and
+        dropped, so a resume mid-epoch continues with the batch an uninterrupted run would see."""
+        seed = epoch_seed(self.t.seed, epoch)
+        self.generator.manual_seed(seed)
+        self.train_ds.transform.set_random_state(seed=seed)
+        stream = _cycle(self.loader)
+        for _ in range(skip):
+            next(stream)
+        return stream
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, ckpt: dict | None) -> TrainResult:
+        rng = self.restore(ckpt) if ckpt is not None else None
+        self.start_tracking()
+        policy = CheckpointPolicy(self.t.checkpoint_every, self.step)
+        t = self.t
+        bar = TrainProgress(self.console, t.epochs, self.iters, self.n_val, mode=self.mode,
+                            first_epoch=self.epoch_done + 1, first_iteration=min(self.iteration, self.iters))
+        try:
+            with bar:
+                for epoch in range(self.epoch_done + 1, t.epochs + 1):
+                    self.train_iterations(epoch, rng, policy, bar)
+                    rng = None
+                    row = self.finish_epoch(epoch, bar)
+                    self.epoch_done, self.iteration, self.epoch_losses, self.epoch_seconds = epoch, 0, [], 0.0
+                    self.history.append(row)
+                    if policy.due(self.step, epoch_end=True) or epoch == t.epochs:
+                        self.checkpoint()
+                        policy.written(self.step)
+                    test_hook("epoch_end")
+                    self.run.write_metrics(self.history)
+                    self.tracker.log_metrics(_metrics_of(row), step=epoch)
+                    bar.end_epoch(epoch, row)
+        except _StopNow:
+            self.checkpoint()
+            self.run.write_metrics(self.history)
+            self.run.save_info(status="interrupted", error=f"stopped by signal {self.stop.signal}")
+            self.tracker.end("KILLED")
+            raise Stopped(self.run.path, self.epoch_done + 1, self.iteration, self.stop.signal) from None
+        except BaseException as e:
+            self.run.save_info(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=f"{type(e).__name__}: {e}")
+            self.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        self.tracker.log_artifact(self.run.path / "metrics.csv")
+        if (self.run.path / "model_best.pt").is_file():
+            self.tracker.log_artifact(self.run.path / "model_best.pt")
+        self.run.save_info(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), epochs=t.epochs, steps=self.step,
+                           best_dice=self.best, best_epoch=self.best_epoch)
+        self.tracker.end("FINISHED")
+        return TrainResult(self.run.path, self.run.name, self.best, self.best_epoch, self.history, self.tracker.run_id)
+
+    def train_iterations(self, epoch: int, rng: dict | None, policy: CheckpointPolicy, bar: TrainProgress) -> None:
+        if self.iteration >= self.iters:  # stopped during this epoch's validation: only that is left
+            if rng is not None:
+                restore_rng(rng)
+            return
+        batches = self.batches(epoch, self.iteration)
+        if rng is not None:  # after repositioning the data stream: the uninterrupted run's exact state
+            restore_rng(rng)
+        self.model.train()
+        t0 = time.time() - self.epoch_seconds
+        while self.iteration < self.iters:
+            batch = next(batches)
+            loss = self.train_step(batch)
+            self.iteration += 1
+            self.step += 1
+            self.epoch_losses.append(loss)
+            self.epoch_seconds = time.time() - t0
+            bar.advance_train(epoch, self.iteration, loss)
+            self.run.heartbeat()
+            test_hook(f"step:{self.step}")
+            if self.stop.requested:
+                raise _StopNow
+            if self.iteration < self.iters and policy.due(self.step, epoch_end=False):
+                self.checkpoint()
+                policy.written(self.step)
+
+    def train_step(self, batch) -> float:
+        x, y = batch["image"].to(self.dev), batch["label"].to(self.dev)
+        lr = lr_at(self.schedule, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.loss_fn(self.model(x), y)
+        if not torch.isfinite(loss):
+            raise MedsegError(f"the loss became {loss.item()} at step {self.step + 1} (lower train.lr, or check the data)")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss.item()
+
+    def finish_epoch(self, epoch: int, bar: TrainProgress) -> dict[str, Any]:
+        from medseg.engine.validate import validate
+
+        t = self.t
+        row: dict[str, Any] = {"epoch": epoch, "step": self.step,
+                               "train_loss": sum(self.epoch_losses) / max(1, len(self.epoch_losses)),
+                               "lr": lr_at(self.schedule, max(0, self.step - 1)), "epoch_seconds": round(self.epoch_seconds, 2)}
+        if epoch % t.val_interval == 0 or epoch == t.epochs:
+            bar.start_validation(epoch)
+            test_hook("validation")
+
+            def on_case(i: int, n: int | None = None) -> None:
+                bar.advance_val(i, n)
+                self.check_stop()
+
+            result = validate(self.model, self.val_ds, self.bundle, self.dev, self.autocast, on_case=on_case,
+                              on_window=lambda i, n: self.check_stop())
+            row.update({"val_mean_dice": result["mean_dice"], "val_mean_iou": result["mean_iou"]})
+            row.update({f"val_dice_{k}": v for k, v in result["dice"].items()})
+            score = result["mean_dice"] if math.isfinite(result["mean_dice"]) else float("-inf")
+            if score > self.best or self.best_epoch == 0:
+                self.best, self.best_epoch = score, epoch
+                self.run.save_best(self.model.state_dict())
+        return row
+
+    def check_stop(self) -> None:
+        self.run.heartbeat()
+        if self.stop.requested:
+            raise _StopNow
+
+    # -- tracking ---------------------------------------------------------------------------------
+    def start_tracking(self) -> None:
+        from medseg.track import NullTracker
+
+        tracker, run = self.tracker, self.run
+        previous = run.info.get("tracking_run_id")
+        if previous and not isinstance(tracker, NullTracker):
+            try:
+                tracker.resume(previous)
+            except Exception as e:
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise MedsegError(f"cannot continue MLflow run {previous} in {tracker.uri} ({detail}); "
+                                  "resume with --tracking none, or restore that store") from None
+        else:
+            params = flatten(self.bundle.to_dict())
+            params.update({"parameters": run.info["parameters"], "device": str(self.dev), "amp_mode": self.amp,
+                           "train_cases": len(run.info["train_cases"]), "val_cases": len(run.info["val_cases"])})
+            tracker.start(run.name, params, {"medseg.model": self.bundle.model.name, "medseg.run_dir": str(run.path.resolve())})
+            for name in ("bundle.json", "model_summary.txt", "labels.json"):
+                tracker.log_artifact(run.path / name)
+            tracker.log_metrics({"parameters": run.info["parameters"]}, step=0)
+        run.save_info(tracking_run_id=tracker.run_id, tracking_uri=tracker.uri)
+        logged = tracker.logged_steps("train_loss")
+        for row in self.history:  # epochs a killed process finished but never logged: one continuous history
+            if row["epoch"] not in logged:
+                tracker.log_metrics(_metrics_of(row), step=row["epoch"])
+
+
+def _metrics_of(row: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k in ("train_loss", "lr") or k.startswith("val_")}

@@ -5,6 +5,6 @@ slice-by-slice FCN).
 """
 
 from medseg.models import nets as _nets  # noqa: F401,E402  (registers the built-ins)
-from medseg.models.registry import ModelSpec, check_roi, create_model, get_spec, list_models, register_model
+from medseg.models.registry import ModelSpec, check_roi, check_window, create_model, get_spec, list_models, register_model
 
-__all__ = ["ModelSpec", "check_roi", "create_model", "get_spec", "list_models", "register_model"]
+__all__ = ["ModelSpec", "check_roi", "check_window", "create_model", "get_spec", "list_models", "register_model"]

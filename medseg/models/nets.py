@@ -19,7 +19,7 @@ def vnet(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     return model
 
 
-@register_model("unetr", display="UNETR", network=UNETR, roi_multiple=(16, 16, 16),
+@register_model("unetr", display="UNETR", network=UNETR, roi_multiple=(16, 16, 16), fixed_roi=True,
                 description="MONAI UNETR (Hatamizadeh 2022): ViT encoder on 16^3 patches, CNN decoder")
 def unetr(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     model = UNETR(in_channels=in_channels, out_channels=out_channels, img_size=roi, spatial_dims=3, **args)

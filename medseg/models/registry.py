@@ -27,6 +27,8 @@ class ModelSpec:
     roi_multiple: tuple[int, int, int]  # each ROI axis must be a multiple of this
     description: str
     min_roi: tuple[int, int, int] = (1, 1, 1)  # smallest ROI that trains (instance norm needs > 1 voxel)
+    # The network is built for one input size (UNETR's position embedding): windows must equal the ROI.
+    fixed_roi: bool = False
 
     def accepted_args(self) -> list[str]:
         params = inspect.signature(self.network.__init__).parameters
@@ -37,11 +39,11 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, display: str, network: type, roi_multiple: tuple[int, int, int], description: str,
-                   min_roi: tuple[int, int, int] | None = None):
+                   min_roi: tuple[int, int, int] | None = None, fixed_roi: bool = False):
     def decorate(builder: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, display, builder, network, roi_multiple, description, min_roi or roi_multiple)
+        _REGISTRY[name] = ModelSpec(name, display, builder, network, roi_multiple, description, min_roi or roi_multiple, fixed_roi)
         return builder
 
     return decorate
@@ -69,6 +71,34 @@ def check_roi(name: str, roi) -> None:
         )
 
 
+def check_window(name: str, train_roi, window_roi) -> None:
+    """The sliding window's ROI must suit the model too, and equal the training ROI for a model
+    built for one input size; checked with the bundle, not an epoch later at the first validation."""
+    check_roi(name, window_roi)
+    spec = get_spec(name)
+    if spec.fixed_roi and list(window_roi) != list(train_roi):
+        raise BundleError(f"sliding_window.roi {list(window_roi)} must equal train.roi {list(train_roi)} for {spec.display}: "
+                          "the network is built for one input size (set sliding_window.roi to null)")
+
+
+def _check_arg_types(spec: ModelSpec, args: dict) -> None:
+    """A value whose type cannot be what the network's default is (``"feature_size": "abc"``) is a
+    bundle error, not a TypeError deep inside the network."""
+    params = inspect.signature(spec.network.__init__).parameters
+    for key, value in args.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, (tuple, list)):
+            ok = isinstance(value, (list, tuple)) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        else:
+            ok = True
+        if not ok:
+            raise BundleError(f"model.args.{key} must be like its default {default!r}, got {value!r}")
+
+
 def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, grad_checkpointing: bool = False, **args):
     spec = get_spec(name)
     accepted = spec.accepted_args()
@@ -77,8 +107,10 @@ def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, gra
             match = difflib.get_close_matches(key, accepted, n=1, cutoff=0.5)
             hint = f"; did you mean {match[0]!r}?" if match else f"; it takes: {', '.join(accepted)}"
             raise BundleError(f"model.args: {spec.name} has no argument {key!r}{hint}")
+    _check_arg_types(spec, args)
     check_roi(name, roi)
     try:
         return spec.builder(in_channels=in_channels, out_channels=out_channels, roi=tuple(roi), grad_checkpointing=grad_checkpointing, **args)
-    except (ValueError, AssertionError) as e:  # MONAI validates its own arguments this way
-        raise BundleError(f"model.args for {spec.name}: {e}") from None
+    except (ValueError, AssertionError, TypeError, KeyError) as e:  # MONAI validates its own arguments this way
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"model.args for {spec.name}: {detail}") from None

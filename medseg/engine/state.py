@@ -1,0 +1,89 @@
+"""What a checkpoint must hold for a resume to be a continuation, not a restart.
+
+- The learning rate is a pure function of the global step and a list of schedule *segments* saved in
+  the checkpoint, so a resume with the same length reproduces it exactly, and a resume with a new
+  length continues smoothly from the current rate instead of restoring a stale ``T_max`` (cosine
+  climbing back up) or jumping (poly).
+- RNG states (python, numpy, torch, CUDA) in a form ``torch.load(weights_only=True)`` accepts.
+- The data stream of epoch ``e`` is seeded from (seed, e) alone, so a resume mid-epoch replays the
+  epoch's first batches to reach the same position (see ``engine/train.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919) % 2**31
+
+
+# -- learning-rate schedule ---------------------------------------------------------------------
+
+
+def _factor(kind: str, t: int, length: int) -> float:
+    if kind == "none":
+        return 1.0
+    x = min(max(t, 0), length) / max(1, length)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * x))
+    if kind == "poly":  # nnU-Net's (1 - t/T)^0.9
+        return (1.0 - x) ** 0.9
+    raise ValueError(f"unknown schedule {kind!r}")  # the bundle schema rules this out
+
+
+def new_schedule(kind: str, lr: float, total_steps: int) -> list[dict[str, Any]]:
+    return [{"start": 0, "end": int(total_steps), "lr0": float(lr), "base_lr": float(lr), "kind": kind}]
+
+
+def lr_at(segments: list[dict[str, Any]], step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based)."""
+    seg = next((s for s in reversed(segments) if s["start"] <= step), segments[0])
+    return seg["lr0"] * _factor(seg["kind"], step - seg["start"], seg["end"] - seg["start"])
+
+
+def continue_schedule(segments: list[dict[str, Any]], step: int, kind: str, lr: float, total_steps: int) -> tuple[list[dict[str, Any]], str | None]:
+    """The schedule for a resume at ``step`` with the (possibly changed) bundle values; a note when
+    it changed. Unchanged length, kind and rate: the saved schedule, bit for bit."""
+    last = segments[-1]
+    if last["end"] == total_steps and last["kind"] == kind and last["base_lr"] == lr:
+        return segments, None
+    if step >= last["end"]:
+        start, how = float(lr), f"the previous schedule had ended: restarting at lr {lr:g}"
+    elif last["base_lr"] != lr:
+        start, how = float(lr), f"lr set to {lr:g}"
+    else:
+        start, how = lr_at(segments, step), f"continuing from the current lr {lr_at(segments, step):.3g}"
+    seg = {"start": int(step), "end": int(total_steps), "lr0": start, "base_lr": float(lr), "kind": kind}
+    return [*segments, seg], f"learning rate: {how}, {kind} to step {total_steps}"
+
+
+# -- random number generators -------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
