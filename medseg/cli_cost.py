@@ -1,12 +1,15 @@
 """``medseg flops`` and ``medseg memory``: what a model and a volume cost, before renting a GPU.
 
 The analytic mode (``--shape``, ``--conv-input``) imports no torch and answers in well under a
-second; the model modes trace the real model on the meta device.
+second; the model modes trace the real model (FLOPs on the meta device, memory on fake tensors).
+The model comes from exactly one of ``--model``, ``--bundle`` and ``--run`` (a trained run's own
+bundle.json, the one source of truth for what it was trained as).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,12 +19,15 @@ from medseg.cli_common import app, out, user_errors
 from medseg.errors import MedsegError
 
 ModelOpt = Annotated[str | None, typer.Option("--model", help="A registered model (medseg models).")]
-BundleOpt = Annotated[Path | None, typer.Option("--bundle", help="Take model, arguments, ROI and classes from a bundle.")]
-RoiOpt = Annotated[str | None, typer.Option("--roi", help="Window / patch size, e.g. 96,96,96.")]
-ClassesOpt = Annotated[int, typer.Option("--classes", min=1, help="Output classes, background included.")]
+BundleOpt = Annotated[Path | None, typer.Option("--bundle", help="Take model, arguments, ROI, classes, batch and AMP from a bundle.")]
+RunOpt = Annotated[Path | None, typer.Option("--run", help="Take them from a trained run directory (its bundle.json).")]
+RoiOpt = Annotated[str | None, typer.Option("--roi", help="Window / patch size, e.g. 96,96,96 (default: the bundle's, else 96^3).")]
+ClassesOpt = Annotated[int | None, typer.Option("--classes", min=1, help="Output classes, background included (default: the "
+                                                                         "bundle's labels + 1, else 14).")]
 ArgOpt = Annotated[list[str] | None, typer.Option("--arg", metavar="KEY=VALUE", help="Model argument, e.g. feature_size=48 (repeatable).")]
 VolumeOpt = Annotated[str | None, typer.Option("--volume", help="Whole volume in voxels at the model's spacing, e.g. 512,512,300.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+OverlapOpt = Annotated[float | None, typer.Option("--overlap", help="Sliding-window overlap in [0, 1) (default: the bundle's, else 0.25).")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON for scripts.")]
 
 
 def parse_ints(text: str, what: str, count: int | tuple[int, ...] | None = None, meaning: str = "") -> tuple[int, ...]:
@@ -50,25 +56,55 @@ def _model_args(items: list[str] | None) -> dict[str, Any]:
     return args
 
 
-def _resolve_model(model: str | None, bundle: Path | None, roi: str | None, classes: int, arg: list[str] | None):
-    """(name, roi, classes, args, bundle or None) from --model/--roi or a bundle."""
+def _overlap(value: float | None, cfg) -> float:
+    overlap = value if value is not None else (cfg.sliding_window.overlap if cfg is not None else 0.25)
+    if not 0 <= overlap < 1:
+        raise MedsegError(f"--overlap must be in [0, 1), got {overlap}")
+    return overlap
+
+
+@dataclass
+class Target:
+    """What a cost is asked for: a registered model with its arguments, ROIs and classes."""
+
+    name: str
+    roi: tuple[int, ...]  # training patch
+    infer_roi: tuple[int, ...]  # sliding window
+    classes: int
+    args: dict[str, Any]
+    cfg: Any  # the bundle (from --bundle or --run), or None
+
+
+def _resolve_model(model: str | None, bundle: Path | None, run: Path | None, roi: str | None, classes: int | None,
+                   arg: list[str] | None) -> Target:
+    """The target from exactly one of --model, --bundle and --run; --roi, --classes and --arg override a bundle's."""
     from medseg.models import check_roi, get_spec
 
+    given = [opt for opt, value in (("--model", model), ("--bundle", bundle), ("--run", run)) if value is not None]
+    if len(given) > 1:
+        raise MedsegError(f"give one of --model, --bundle or --run, not {' and '.join(given)}")
     cfg = None
-    if bundle is not None:
+    if run is not None:
+        from medseg.engine.run import Run
+
+        cfg = Run.open(run).bundle
+    elif bundle is not None:
         from medseg.config import load_bundle
 
         cfg = load_bundle(bundle)
+    shape = parse_ints(roi, "--roi", 3) if roi else None
+    if cfg is not None:
         name, args = cfg.model.name, {**cfg.model.args, **_model_args(arg)}
-        shape = parse_ints(roi, "--roi", 3) if roi else tuple(cfg.train.roi)
-        classes = len(cfg.data.labels) + 1
+        train_roi, infer_roi = shape or tuple(cfg.train.roi), shape or tuple(cfg.infer_roi)
+        classes = classes or len(cfg.data.labels) + 1
     else:
         name, args = model, _model_args(arg)
         spec = get_spec(name)
-        default = (96, 96, 1) if spec.name == "fcn2d" else (96, 96, 96)
-        shape = parse_ints(roi, "--roi", 3) if roi else default
-    check_roi(name, shape)
-    return name, shape, classes, args, cfg
+        train_roi = infer_roi = shape or ((96, 96, 1) if spec.name == "fcn2d" else (96, 96, 96))
+        classes = classes or 14
+    check_roi(name, train_roi)
+    check_roi(name, infer_roi)
+    return Target(name, train_roi, infer_roi, classes, args, cfg)
 
 
 @app.command()
@@ -85,21 +121,30 @@ def flops(
     conv_padding: Annotated[int, typer.Option("--conv-padding", min=0, help="Conv mode: padding per side.")] = 0,
     model: ModelOpt = None,
     bundle: BundleOpt = None,
+    run: RunOpt = None,
     roi: RoiOpt = None,
-    classes: ClassesOpt = 14,
+    classes: ClassesOpt = None,
     arg: ArgOpt = None,
     volume: VolumeOpt = None,
-    overlap: Annotated[float, typer.Option("--overlap", help="Sliding-window overlap for --volume.")] = 0.5,
-    tta: Annotated[bool, typer.Option("--tta", help="Count mirrored test-time augmentation passes.")] = False,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Patches per training iteration.")] = 4,
+    overlap: OverlapOpt = None,
+    tta: Annotated[bool, typer.Option("--tta", metavar="", help="Count mirrored test-time augmentation passes.")] = False,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Patches per training iteration (default: the bundle's "
+                                                                     "batch x samples per volume, else 4).")] = None,
     as_json: JsonOpt = False,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of FLOPs and memory against volume size.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="With --shape: write a PNG of FLOPs and memory against volume size.")] = None,
 ) -> None:
     """FLOPs (= 2 x MACs) of global vs windowed self-attention vs Conv3D, of a convolution, or of a model."""
     from medseg.cost.analytic import attention_report, conv_cost, human, human_bytes
 
-    if model or bundle:
-        return _model_flops(model, bundle, roi, classes, arg, volume, overlap, tta, batch, as_json)
+    modes = [m for m, given in (("--shape", shape), ("--conv-input", conv_input), ("--model/--bundle/--run", model or bundle or run))
+             if given]
+    if len(modes) > 1:
+        raise MedsegError(f"give one of --shape, --conv-input or --model/--bundle/--run, not {' and '.join(modes)}")
+    if plot is not None and not shape:
+        raise MedsegError("--plot draws the --shape comparison (attention vs convolution against volume size); "
+                          "it does not apply to --conv-input or a model")
+    if model or bundle or run:
+        return _model_flops(_resolve_model(model, bundle, run, roi, classes, arg), volume, overlap, tta, batch, as_json)
     if conv_input:
         dims = parse_ints(conv_input, "--conv-input", (2, 3, 4))
         try:
@@ -155,18 +200,21 @@ def flops(
         out.print(f"plot: {plot}")
 
 
-def _model_flops(model, bundle, roi, classes, arg, volume, overlap, tta, batch, as_json) -> None:
+def _model_flops(target: Target, volume, overlap, tta, batch, as_json) -> None:
     from medseg.cost.analytic import human
     from medseg.cost.counted import model_cost, training_cost, volume_cost
 
-    name, shape, classes, args, cfg = _resolve_model(model, bundle, roi, classes, arg)
-    if cfg is not None:
-        batch = cfg.train.batch_size * cfg.train.samples_per_volume
+    name, shape, classes, args, cfg = target.name, target.roi, target.classes, target.args, target.cfg
+    overlap = _overlap(overlap, cfg)
+    if batch is None:
+        batch = cfg.train.batch_size * cfg.train.samples_per_volume if cfg is not None else 4
+    vol = parse_ints(volume, "--volume", 3) if volume else None
     cost = model_cost(name, shape, classes, args)
     report = cost.as_dict()
     report["training_per_iteration"] = training_cost(cost, batch)
-    if volume:
-        report["inference_volume"] = volume_cost(cost, parse_ints(volume, "--volume", 3), overlap, tta, slice_model=name == "fcn2d")
+    if vol:
+        window = model_cost(name, target.infer_roi, classes, args) if target.infer_roi != shape else cost
+        report["inference_volume"] = volume_cost(window, vol, overlap, tta, slice_model=name == "fcn2d")
     if as_json:
         out.print_json(json.dumps(report))
         return
@@ -199,62 +247,91 @@ def _model_flops(model, bundle, roi, classes, arg, volume, overlap, tta, batch, 
 def memory(
     model: ModelOpt = None,
     bundle: BundleOpt = None,
+    run: RunOpt = None,
     roi: RoiOpt = None,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Training patches per iteration.")] = 2,
-    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (bf16 activations), as training on CUDA uses.")] = False,
-    checkpointing: Annotated[bool, typer.Option("--checkpointing", help="Gradient checkpointing.")] = False,
-    classes: ClassesOpt = 14,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Training patches per iteration (default: the bundle's "
+                                                                     "batch x samples per volume, else 2).")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", metavar="", help="bf16 autocast as on a GPU (default: the bundle's train.amp, "
+                                                                    "else off).")] = None,
+    checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing", metavar="", help="Gradient checkpointing "
+                                                                                                  "(default: the bundle's).")] = None,
+    classes: ClassesOpt = None,
     arg: ArgOpt = None,
     volume: VolumeOpt = None,
-    sw_batch_size: Annotated[int, typer.Option("--sw-batch-size", min=1, help="Windows per forward at inference.")] = 4,
-    overlap: Annotated[float, typer.Option("--overlap", help="Sliding-window overlap.")] = 0.25,
-    budget: Annotated[str | None, typer.Option("--budget", help="Find the largest ROI and batch that train in this much, e.g. 24GB.")] = None,
+    sw_batch_size: Annotated[int | None, typer.Option("--sw-batch-size", min=1, help="Windows per forward at inference "
+                                                                                     "(default: the bundle's, else 4).")] = None,
+    overlap: OverlapOpt = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="GPU memory: the largest ROI for each batch size whose training "
+                                                                "step fits, e.g. 24GB or 80GiB (a unit is required).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Peak memory of training and inference, traced from the real model on the meta device."""
-    from medseg.cost.analytic import human_bytes
+    """Peak memory of a training step and of inference, on the GPU and in host RAM, traced from the real model."""
     from medseg.cost.memory import inference_memory, parse_bytes, plan_for_budget, training_memory
     from medseg.models import get_spec
 
-    if not (model or bundle):
-        raise MedsegError("give --model NAME (or --bundle FILE)")
-    name, shape, classes, args, cfg = _resolve_model(model, bundle, roi, classes, arg)
-    if cfg is not None:
-        batch = cfg.train.batch_size * cfg.train.samples_per_volume
-        checkpointing = checkpointing or cfg.train.grad_checkpointing
-    train = training_memory(name, shape, batch, classes, args, amp, checkpointing)
-    infer = inference_memory(name, shape, sw_batch_size, classes, args, amp,
-                             parse_ints(volume, "--volume", 3) if volume else None, overlap)
-    report: dict[str, Any] = {"training": train.as_dict(), "inference": infer.as_dict()}
+    if not (model or bundle or run):
+        raise MedsegError("give --model NAME, --bundle FILE or --run RUN_DIR")
+    limit = None
     if budget:
         try:
             limit = parse_bytes(budget)
         except ValueError as e:
             raise MedsegError(f"--budget: {e}") from None
-        spec = get_spec(name)
-        if name == "fcn2d":
-            raise MedsegError("--budget plans 3D ROIs; for fcn2d pick the slice size directly")
-        report["budget"] = {"bytes": limit, "roi_multiple": spec.roi_multiple[0],
-                            "plans": plan_for_budget(name, limit, spec.roi_multiple[0], classes=classes, args=args, amp=amp,
-                                                     checkpointing=checkpointing)}
+    target = _resolve_model(model, bundle, run, roi, classes, arg)
+    name, cfg = target.name, target.cfg
+    if limit is not None and name == "fcn2d":
+        raise MedsegError("--budget plans 3D ROIs; for fcn2d pick the slice size directly")
+    overlap = _overlap(overlap, cfg)
+    vol = parse_ints(volume, "--volume", 3) if volume else None
+    train_cfg = cfg.train if cfg is not None else None
+    if batch is None:
+        batch = train_cfg.batch_size * train_cfg.samples_per_volume if train_cfg else 2
+    amp = amp if amp is not None else bool(train_cfg and train_cfg.amp)
+    checkpointing = checkpointing if checkpointing is not None else bool(train_cfg and train_cfg.grad_checkpointing)
+    sw_batch_size = sw_batch_size or (cfg.sliding_window.sw_batch_size if cfg is not None else 4)
+    train = training_memory(name, target.roi, batch, target.classes, target.args, amp, checkpointing, train_cfg)
+    infer = inference_memory(name, target.infer_roi, sw_batch_size, target.classes, target.args, amp, vol, overlap)
+    report: dict[str, Any] = {"training": train.as_dict(), "inference": infer.as_dict()}
+    if limit is not None:
+        multiple = get_spec(name).roi_multiple[0]
+        report["budget"] = {"device_bytes": limit, "roi_multiple": multiple,
+                            "plans": plan_for_budget(name, limit, multiple, classes=target.classes, args=target.args, amp=amp,
+                                                     checkpointing=checkpointing, train_cfg=train_cfg)}
     if as_json:
         out.print_json(json.dumps(report))
         return
+    _print_memory(name, train, infer, volume, report.get("budget"), budget)
+
+
+def _print_memory(name: str, train, infer, volume: str | None, plan: dict | None, budget: str | None) -> None:
     from rich.table import Table
 
-    for title, est in ((f"training: {name}, ROI {list(shape)}, batch {batch}{', AMP' if amp else ''}"
-                        f"{', checkpointing' if checkpointing else ''}", train),
-                       (f"inference: sw_batch_size {sw_batch_size}" + (f", volume {volume}" if volume else ""), infer)):
+    from medseg.cost.analytic import human_bytes
+
+    titles = (f"training step: {name}, ROI {list(train.roi)}, batch {train.batch}{', AMP (bf16 autocast)' if train.amp else ''}"
+              f"{', checkpointing' if train.checkpointing else ''}",
+              f"inference: ROI {list(infer.roi)}, sw_batch_size {infer.batch}{', AMP' if infer.amp else ''}"
+              + (f", volume {volume}" if volume else ""))
+    for title, est in zip(titles, (train, infer)):
         table = Table(title=title)
         table.add_column("part")
-        table.add_column("bytes", justify="right")
-        for part, b in est.parts.items():
-            table.add_row(part, human_bytes(b))
-        table.add_row("[bold]estimated peak[/bold]", f"[bold]{human_bytes(est.total)}[/bold]")
+        table.add_column("GPU (device)", justify="right")
+        table.add_column("host RAM", justify="right")
+        for part, b in est.device.items():
+            table.add_row(part, human_bytes(b), "")
+        for part, b in est.host.items():
+            table.add_row(part + (" *" if part in est.cuda_only else ""), "", human_bytes(b))
+        table.add_row("[bold]estimated peak[/bold]", f"[bold]{human_bytes(est.device_total)}[/bold]", f"[bold]{human_bytes(est.host_total)}[/bold]")
         out.print(table)
-    if budget:
-        out.print(f"largest isotropic ROI (multiple of {report['budget']['roi_multiple']}) that trains in {budget}:")
-        for plan in report["budget"]["plans"]:
-            fit = f"{plan['roi']} ({human_bytes(plan['total_bytes'])})" if plan["roi"] else "none fits"
-            out.print(f"  batch {plan['batch']}: {fit}")
-    out.print("Traced on the meta device (no memory used); allocator caching and fragmentation are not included.")
+        if est.amp:
+            out.print("a CPU run uses no AMP: --no-amp gives its RAM (GPU and host parts together)", highlight=False)
+        else:
+            marked = " (the parts marked * are copies that exist only with a GPU)" if est.cuda_only else ""
+            out.print(f"on a CPU run both are RAM: {human_bytes(est.cpu_total)}{marked}", highlight=False)
+    if plan:
+        out.print(f"largest isotropic ROI (multiple of {plan['roi_multiple']}) whose training step fits {budget} of GPU memory:")
+        for p in plan["plans"]:
+            fit = f"{p['roi']} ({human_bytes(p['device_bytes'])})" if p["roi"] else "none fits"
+            out.print(f"  batch {p['batch']}: {fit}")
+    out.print("Traced on fake tensors (nothing computed). Not included: allocator caching and fragmentation, cuDNN/oneDNN "
+              "workspaces, the CUDA context (~0.5 GB), the data loader, Python + torch themselves (~0.5 GB of RAM).")

@@ -44,9 +44,14 @@ class ModelCost:
 def build_on_meta(name: str, roi, classes: int, args: dict | None = None, grad_checkpointing: bool = False) -> torch.nn.Module:
     """The registered model with its parameters on the meta device. Built on the CPU first (Swin
     UNETR's constructor calls .item(), which meta tensors refuse), then moved."""
+    from medseg.errors import BundleError
     from medseg.models import create_model
 
-    model = create_model(name, out_channels=classes, roi=tuple(roi), grad_checkpointing=grad_checkpointing, **(args or {}))
+    try:
+        model = create_model(name, out_channels=classes, roi=tuple(roi), grad_checkpointing=grad_checkpointing, **(args or {}))
+    except TypeError as e:  # a value of a type MONAI does not expect, should the registry let one through
+        given = ", ".join(f"{k}={v!r}" for k, v in (args or {}).items())
+        raise BundleError(f"model.args for {name} ({given}): {e}") from None
     return model.to("meta")
 
 
@@ -76,8 +81,10 @@ def model_cost(name: str, roi, classes: int = 14, args: dict | None = None, in_c
 
 def windows_for(volume, roi, overlap: float) -> int:
     """How many windows MONAI's sliding window places on ``volume`` (the same rule medseg streams)."""
+    from medseg.cost.memory import check_overlap
     from medseg.engine.window import scan_interval
 
+    check_overlap(overlap)
     padded = tuple(max(v, r) for v, r in zip(volume, roi))
     step = scan_interval(padded, roi, overlap)
     return math.prod(1 if v == r else math.ceil((v - r) / s) + 1 for v, r, s in zip(padded, roi, step))
