@@ -69,6 +69,9 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
     (ws / "bundles" / "badargs.json").write_text(json.dumps({"model": {"name": "unetr", "args": {"hidden_size": "big"}}}))
     (ws / "afile").write_text("not a folder")
     (ws / "emptydir").mkdir()
+    (ws / "notes_folder").mkdir()
+    (ws / "notes_folder" / ".draft.tmp").write_text("a user's own file")
+    (ws / "notes_folder" / "thesis.txt").write_text("a user's own file")
     cases.update({
         "bundle-unknown-key": Bad(train("--set", "train.learning_rate=0.1"), "unknown bundle key 'train.learning_rate'"),
         "bundle-bad-choice": Bad(train("--set", "train.loss=dice_cee"), "did you mean 'dice_ce'"),
@@ -86,6 +89,7 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
         "checkpoint-every": Bad(train("--set", "train.checkpoint_every=often"), "train.checkpoint_every"),
         "hu-window-brackets": Bad(train("--set", "data.hu_window=[250,-175]"), "must be [low, high] with low < high"),
         "run-dir-is-file": Bad(train("--run-dir", str(ws / "afile")), "is a file"),
+        "run-dir-foreign-folder": Bad(train("--run-dir", str(ws / "notes_folder")), "is not empty and holds no run"),
         "runs-root-is-file": Bad(train("--runs-root", str(ws / "afile")), "is a file"),
         "runs-root-read-only": Bad(train("--runs-root", "/sys/medseg-runs"), "cannot create /sys/medseg-runs"),
         "resume-no-run-dir": Bad(["train", "--resume"], "--resume needs --run-dir"),
@@ -131,9 +135,11 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
         "data-nan": Bad(blob(data("d-nan", image=nan)), "voxels are NaN"),
         "data-2d": Bad(blob(data("d-2d", image=img[:, :, 0], label=lab[:, :, 0])), "expected a 3D volume"),
         "data-empty": Bad(blob(str(ws / "d-empty")), "no cases found"),
-        "label-value-unlisted": Bad(blob(data("d-unlisted", label=unlisted)), "3"),
-        "label-value-below-max": Bad(blob(data("d-gap", label=unlisted), "--set", f"data.source_labels={ws / 'labels' / 'gap.json'}"), "3"),
-        "source-labels-negative": Bad(blob(data("d-neg"), "--set", f"data.source_labels={ws / 'labels' / 'negative.json'}"), "-1"),
+        "label-value-unlisted": Bad(blob(data("d-unlisted", label=unlisted)), "a.nii.gz: label value 3 is not in the source's labels"),
+        "label-value-below-max": Bad(blob(data("d-gap", label=unlisted), "--set", f"data.source_labels={ws / 'labels' / 'gap.json'}"),
+                                     "a.nii.gz: label value 3 is not in the source's labels"),
+        "source-labels-negative": Bad(blob(data("d-neg"), "--set", f"data.source_labels={ws / 'labels' / 'negative.json'}"),
+                                      "label value -1 ('blob') is out of range"),
         "source-labels-not-utf8": Bad(blob(data("d-bin"), "--set", f"data.source_labels={ws / 'labels' / 'binary.json'}"), "binary.json"),
         "source-labels-list": Bad(blob(data("d-list"), "--set", f"data.source_labels={ws / 'labels' / 'list.json'}"), "list.json"),
         "source-labels-missing": Bad(blob(data("d-miss"), "--set", f"data.source_labels={ws / 'labels' / 'nope.json'}"), "nope.json"),
@@ -175,7 +181,8 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
     cases.update({
         "infer-missing": Bad(infer(str(scans / "missing.nii.gz")), "no such file"),
         "infer-text": Bad(infer(str(scans / "notes.txt")), "not a NIfTI file"),
-        "infer-truncated": Bad(infer(str(scans / "truncated.nii.gz"), "-o", str(ws / "o1.nii.gz")), "truncated.nii.gz"),
+        "infer-truncated": Bad(infer(str(scans / "truncated.nii.gz"), "-o", str(ws / "new" / "deep" / "o1.nii.gz")),
+                               "truncated.nii.gz: corrupt or truncated"),  # and no folders left behind
         "infer-4d": Bad(infer(str(scans / "four_d.nii.gz"), "-o", str(ws / "o2.nii.gz")), "expected a 3D volume"),
         "infer-huge-header": Bad(infer(str(scans / "huge.nii.gz"), "-o", str(ws / "o3.nii.gz")), "corrupt or truncated"),
         "infer-force-onto-input": Bad(infer(str(scans / "ct.nii.gz"), "-o", str(scans / "ct.nii.gz"), "--force"), "is the input"),
@@ -264,7 +271,7 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
 CASE_IDS = [
     "bundle-unknown-key", "bundle-bad-choice", "bundle-not-json", "bundle-not-utf8", "bundle-array", "bundle-is-folder",
     "bundle-missing", "model-args-string-set", "model-args-string-file", "model-args-unknown", "unetr-window-roi", "roi-huge",
-    "roi-not-multiple", "checkpoint-every", "hu-window-brackets", "run-dir-is-file", "runs-root-is-file", "runs-root-read-only",
+    "roi-not-multiple", "checkpoint-every", "hu-window-brackets", "run-dir-is-file", "run-dir-foreign-folder", "runs-root-is-file", "runs-root-read-only",
     "resume-no-run-dir", "resume-not-a-run", "resume-with-bundle", "resume-incompatible", "resume-nothing-left", "progress-choice",
     "device-cuda", "unknown-option", "unknown-command",
     "data-truncated-nifti", "data-huge-header", "data-shape-mismatch", "data-affine-mismatch", "data-nan", "data-2d", "data-empty",

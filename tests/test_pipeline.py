@@ -157,3 +157,22 @@ def test_geometry_round_trips_under_random_affines(threshold_predictor, perm, fl
     assert inside.sum() > 20 and outside.sum() > 1000
     assert out[inside].all(), f"{(out[inside] == 0).sum()} deep voxels missed"
     assert not out[outside].any(), f"{out[outside].sum()} voxels labelled far from the objects"
+
+
+def test_inference_preprocessing_and_crop_equal_validation_transforms():
+    """Validation reads cases through ``val_transforms`` (MONAI's loader, CropForegroundd); inference
+    through ``pipeline.preprocess`` + ``body_box`` on an in-memory image. They must give the same
+    model-grid volume, or a model would be validated on other inputs than it segments."""
+    from medseg.config import bundle_from_dict
+    from medseg.data.datasets import prepare
+    from medseg.data.transforms import val_transforms
+    from medseg.engine.pipeline import body_box, preprocess
+
+    bundle = bundle_from_dict({}, ["data.spacing=[3,3,4]", "data.phantom.cases=2"])
+    found, lut, _, _, _ = prepare(bundle.data, bundle.data.labels)
+    for case in found.cases:  # case 1 is stored LPS
+        expected = np.asarray(val_transforms(bundle, lut)(case.as_dict())["image"])
+        x, _ = preprocess(nib.load(case.image), bundle, case.image)
+        got = x[0][(slice(None), *body_box(x))].numpy()
+        assert got.shape == expected.shape, case.name
+        np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -23,6 +23,7 @@ from medseg.errors import MedsegError
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 # The smoke bundle (small ViT UNETR, 4 mm phantom) made shorter: 3 iterations per epoch.
 SHORT = ["train.iterations_per_epoch=3", "train.samples_per_volume=1", "tracking.backend=none"]
+EXACT = ["train.epochs=3", "train.scheduler=cosine", "model.args.dropout_rate=0.2"]
 
 
 def smoke(*overrides: str):
@@ -46,14 +47,15 @@ def stop_at(step: int, monkeypatch) -> T.StopFlag:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """3 epochs x 3 iterations, cosine schedule, uninterrupted: the reference every resume must equal."""
+    """3 epochs x 3 iterations, cosine schedule, uninterrupted: the reference every resume must equal.
+    The ViT's dropout draws from the global torch RNG, so a resume must restore it too."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    T.train(smoke("train.epochs=3", "train.scheduler=cosine"), run_dir=run_dir, progress="off")
+    T.train(smoke(*EXACT), run_dir=run_dir, progress="off")
     return Run.open(run_dir)
 
 
 def test_resume_mid_epoch_is_bitwise_identical(straight, tmp_path, monkeypatch):
-    bundle = smoke("train.epochs=3", "train.scheduler=cosine")
+    bundle = smoke(*EXACT)
     with pytest.raises(T.Stopped) as stopped:
         T.train(bundle, run_dir=tmp_path / "run", progress="off", stop=stop_at(4, monkeypatch))  # epoch 2, iteration 1
     assert (stopped.value.epoch, stopped.value.iteration) == (2, 1)
@@ -161,7 +163,7 @@ def test_amp_mode_follows_native_bf16(monkeypatch):
 CLI = [sys.executable, "-m", "medseg.cli"]
 
 
-def start(run_dir: Path, hook: str | None, *extra: str) -> subprocess.Popen:
+def start(run_dir: Path, hook: str | None, *extra: str, every: str = "2it", epochs: int = 3) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "MEDSEG_TEST_HOOK_SECONDS": "120"}
     env.pop("MEDSEG_TEST_HOOK", None)
     if hook:
@@ -171,7 +173,7 @@ def start(run_dir: Path, hook: str | None, *extra: str) -> subprocess.Popen:
         args += ["--resume", "--run-dir", str(run_dir)]
     else:
         args += [str(BUNDLES / "smoke.json"), "--run-dir", str(run_dir)]
-        for item in [*SHORT, "train.epochs=3", "train.scheduler=cosine", "train.checkpoint_every=2it"]:
+        for item in [*SHORT, *EXACT, f"train.epochs={epochs}", f"train.checkpoint_every={every}"]:
             args += ["--set", item]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -230,13 +232,18 @@ def test_sigkill_mid_epoch_in_validation_and_in_a_checkpoint_write_then_resume(s
 
 def test_kill_between_checkpoint_and_metrics_loses_no_row(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "epoch_end")
-    kill_at_hook(proc, "epoch_end")
-    assert not (run_dir / "metrics.csv").exists()  # killed after the checkpoint, before the row was written
-    proc = start(run_dir, None, "--resume")
+    kill_at_hook(start(run_dir, "epoch_end", every="epoch"), "epoch_end")  # epoch 1 checkpointed, its row never written
+    assert Run.open(run_dir).checkpoint()["step"] == 3 and not (run_dir / "metrics.csv").exists()
+    kill_at_hook(start(run_dir, "step:4", "--resume"), "step:4")  # the resume writes the checkpointed row at once
+    assert [r["epoch"] for r in Run.open(run_dir).read_metrics()] == ["1"]
+    # the last epoch: killed after the final checkpoint, the resume finishes the run instead of refusing it
+    last = tmp_path / "last"
+    kill_at_hook(start(last, "epoch_end", every="epoch", epochs=1), "epoch_end")
+    proc = start(last, None, "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == ["1", "2", "3"]
+    run = Run.open(last)
+    assert run.status == "complete" and [r["epoch"] for r in run.read_metrics()] == ["1"]
 
 
 def test_a_second_writer_is_refused(tmp_path):
@@ -271,3 +278,93 @@ def test_sigterm_stops_at_a_step_checkpoints_and_says_how_to_resume(tmp_path):
     assert f"medseg train --resume --run-dir {run_dir}" in err
     run = Run.open(run_dir)
     assert run.status == "interrupted" and run.checkpoint()["step"] >= 3
+
+
+def test_extending_a_complete_run_continues_the_learning_rate(tmp_path):
+    run_dir = tmp_path / "run"
+    T.train(smoke("train.epochs=2", "train.scheduler=cosine", "train.lr=1e-3", "train.val_interval=10"), run_dir=run_dir, progress="off")
+    T.train(T.load_bundle_for_resume(run_dir, ["train.epochs=4"]), run_dir=run_dir, resume=True, progress="off")
+    lrs = [float(r["lr"]) for r in Run.open(run_dir).read_metrics()]
+    assert len(lrs) == 4 and all(b <= a for a, b in zip(lrs, lrs[1:])), lrs  # no jump back to 1e-3 after the schedule ended
+
+
+def test_a_failed_resume_leaves_a_complete_run_as_it_was(tmp_path, monkeypatch):
+    """The run's MLflow store is gone: the resume fails before a file of the run changes, and no
+    empty store is created in its place."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    bundle = load_bundle(BUNDLES / "smoke.json", [*SHORT[:2], "train.epochs=1", "tracking.backend=mlflow", "tracking.experiment=gone"])
+    T.train(bundle, run_dir=run_dir, progress="off")
+    (tmp_path / "mlflow.db").rename(tmp_path / "moved.db")
+    before = snapshot(run_dir)
+    with pytest.raises(MedsegError, match="MLflow store .* is gone"):
+        T.train(T.load_bundle_for_resume(run_dir, ["train.epochs=2"]), run_dir=run_dir, resume=True, progress="off")
+    assert snapshot(run_dir) == before and Run.open(run_dir).status == "complete"
+    assert not (tmp_path / "mlflow.db").exists()
+    # with tracking off the resume works, and the run keeps its MLflow link for a later resume
+    T.train(T.load_bundle_for_resume(run_dir, ["train.epochs=2", "tracking.backend=none"]), run_dir=run_dir, resume=True, progress="off")
+    info = Run.open(run_dir).info
+    assert info["tracking_run_id"] and info["tracking_uri"].endswith("mlflow.db")
+
+
+def test_resume_refuses_a_changed_dataset(tmp_path):
+    from conftest import tiny_case, write_case
+
+    for i in range(3):
+        write_case(tmp_path / "data", f"c{i}", *tiny_case(seed=i))
+    bundle = smoke("train.epochs=1", f"data.source={tmp_path / 'data'}", 'data.labels=["blob"]', "data.val_fraction=0.34",
+                   "data.spacing=[4,4,4]")
+    T.train(bundle, run_dir=tmp_path / "run", progress="off")
+    write_case(tmp_path / "data", "c3", *tiny_case(seed=3))
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(MedsegError, match="cases changed since it started"):
+        T.train(T.load_bundle_for_resume(tmp_path / "run", ["train.epochs=2"]), run_dir=tmp_path / "run", resume=True, progress="off")
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_mlflow_gets_the_epochs_a_crashed_process_never_logged(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    bundle = load_bundle(BUNDLES / "smoke.json", [*SHORT[:2], "train.epochs=2", "train.checkpoint_every=epoch",
+                                                  "tracking.backend=mlflow", "tracking.experiment=gaps"])
+
+    class Crash(Exception):
+        pass
+
+    def crash(name):
+        if name == "epoch_end":  # after epoch 1's checkpoint, before its metrics are logged
+            raise Crash
+
+    monkeypatch.setattr(T, "test_hook", crash)
+    with pytest.raises(Crash):
+        T.train(bundle, run_dir=tmp_path / "run", progress="off")
+    run_id = Run.open(tmp_path / "run").info["tracking_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_metric_history(run_id, "train_loss") == []
+    monkeypatch.setattr(T, "test_hook", lambda name: None)
+    T.train(T.load_bundle_for_resume(tmp_path / "run", []), run_dir=tmp_path / "run", resume=True, progress="off")
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from medseg.engine.state import capture_rng, restore_rng
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(capture_rng(), tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_notes_keep_their_brackets(tmp_path, cli):
+    run_dir = tmp_path / "run"
+    T.train(smoke("train.epochs=1"), run_dir=run_dir, progress="off")
+    result = cli("train", "--resume", "--run-dir", run_dir, "--tracking", "none", "--progress", "off",
+                 "--set", "train.epochs=2", "--set", "description=run B [ablation] [/]")
+    assert result.exit_code == 0, result.output
+    assert "[ablation] [/]" in result.stderr

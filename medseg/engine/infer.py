@@ -289,6 +289,7 @@ def output_lock(path: Path):
     import fcntl
 
     lock = path.with_name(f".{path.name}.lock")
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again if they stay empty
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -318,6 +319,9 @@ def output_lock(path: Path):
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+        for d in made:  # innermost first; a folder that received outputs is not empty and stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def _publish(tmp: str, dest: Path, force: bool) -> None:
@@ -401,6 +405,10 @@ def segment_file(predictor: Predictor, input_path: Path, output: Path | None = N
     with output_lock(paths["labels"]):
         if not force:
             refuse_overwrite(paths, wanted)  # written by someone else before we held the lock
+        for key in wanted:  # temporary files of a medseg infer killed while writing these outputs
+            for stale in paths[key].parent.glob(f".{paths[key].name}.*"):
+                if not stale.name.endswith(".lock"):
+                    stale.unlink(missing_ok=True)
         img = read_image(input_path, series_uid=series) if series else read_image(input_path)
         dicom = _dicom_info(img)
         seg = predictor(img, classes=classes, probabilities=save_probabilities, on_window=on_window, source=str(input_path))

@@ -26,6 +26,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -94,6 +95,7 @@ class Run:
         self.info = info
         self._lock_fd: int | None = None
         self._last_beat = 0.0
+        self._made = False  # this process created the folder (create); discard() may remove it
 
     # -- reading --------------------------------------------------------------------------------
     @classmethod
@@ -217,16 +219,21 @@ class Run:
             fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise MedsegError(f"cannot write to {self.path}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        for _attempt in range(20):  # a reader's status probe holds a shared lock for microseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
             os.close(fd)
             holder = self.info.get("pid"), self.info.get("host")
             who = f" (pid {holder[0]} on {holder[1]})" if holder[0] else ""
             raise MedsegError(f"{self.path} is being written by another medseg process{who}; wait for it or choose another --run-dir") from None
         self._lock_fd = fd
-        for stale in self.path.glob(".*.tmp"):  # left by a process killed mid-write; nobody else writes here
-            stale.unlink(missing_ok=True)
+        for stale in self.path.iterdir():  # medseg's own temporary files left by a process killed mid-write
+            if _own_temporary(stale.name):
+                stale.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._lock_fd is not None:
@@ -241,7 +248,8 @@ class Run:
     def save_info(self, **changes: Any) -> None:
         self._must_hold()
         self.info.update(changes)
-        write_json(self.path / RUN_FILE, self.info)
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.info.items()}
+        write_json(self.path / RUN_FILE, clean)  # -Infinity and NaN are not JSON
 
     def mark_running(self) -> None:
         self._last_beat = time.time()
@@ -296,17 +304,21 @@ class Run:
     @classmethod
     def create(cls, prefix: str, *, run_dir: str | Path | None, runs_root: str | Path, model: str,
                tracked_names: list[str] | None = None, extra: dict[str, Any] | None = None) -> Run:
-        """A new run directory, locked, with ``run.json`` saying ``running``. With ``run_dir`` None
-        the name is ``<prefix>-<YYYYMMDD-HHMM>-runNN``, NN one above the highest such run in
-        ``runs_root`` or the tracking store; two processes starting at once get different names."""
+        """A new run directory, locked, its ``run.json`` not yet written (:meth:`mark_running` writes
+        it once the run is described, so a ``run.json`` always comes with its bundle). With
+        ``run_dir`` None the name is ``<prefix>-<YYYYMMDD-HHMM>-runNN``, NN one above the highest
+        such run in ``runs_root`` or the tracking store; two processes starting at once get
+        different names. A ``run_dir`` must be new, empty, or left by a run that never started."""
         stamp = datetime.now().strftime("%Y%m%d-%H%M")
         if run_dir is not None:
             path = Path(run_dir)
+            made = not path.exists()
             _make_dir(path, exist_ok=True)
             name = path.name
         else:
             root = Path(runs_root)
             _make_dir(root, exist_ok=True)
+            made = True
             for _ in range(1000):
                 name = next_run_name(prefix, root, stamp, tracked_names)
                 path = root / name
@@ -317,15 +329,35 @@ class Run:
                     tracked_names = [*(tracked_names or []), name]
                 except OSError as e:
                     raise MedsegError(f"cannot create {path}: {e.strerror or e}") from None
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in OWN_FILES and not _own_temporary(p.name))
+        if foreign and not (path / RUN_FILE).exists():
+            raise MedsegError(f"{path} is not empty and holds no run ({foreign[0]}, ...): choose a new or empty --run-dir")
         run = cls(path, {})
         run.acquire()
         if (path / RUN_FILE).exists():
             run.release()
             raise MedsegError(f"{path} already holds a run; choose another --run-dir, or continue it with --resume")
+        run._made = made
         run.info = {"format_version": RUN_FORMAT_VERSION, "medseg_version": __version__, "name": name, "model": model,
                     "created": now(), **(extra or {})}
-        run.mark_running()
         return run
+
+    def discard(self) -> None:
+        """Remove a run that never started (no run.json): its description files and, if this
+        process made it, the folder. Lock held."""
+        self._must_hold()
+        if (self.path / RUN_FILE).exists():
+            return
+        for p in self.path.iterdir():
+            if p.name in OWN_FILES and p.name != ".lock" or _own_temporary(p.name):
+                p.unlink(missing_ok=True)
+        if self._made:
+            (self.path / ".lock").unlink(missing_ok=True)
+            self.release()
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
 
     # -- resuming -------------------------------------------------------------------------------
     def check_resume(self, bundle: Bundle) -> list[str]:
@@ -345,6 +377,17 @@ class Run:
                               f"the checkpoint was trained with the old value. A resume may change only "
                               f"{', '.join(RESUMABLE_KEYS[1:])}; start a new run for anything else")
         return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+OWN_FILES = {RUN_FILE, "bundle.json", "labels.json", "splits.json", CHECKPOINT, BEST, "metrics.csv", "model_summary.txt", ".lock"}
+
+
+def _own_temporary(name: str) -> bool:
+    """``.<one of OWN_FILES>.tmp`` (text) or ``.<file>.<pid>.tmp`` (weights): medseg's temporary names."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    base = name[1:-4]
+    return base in OWN_FILES or base.rsplit(".", 1)[0] in OWN_FILES
 
 
 def _make_dir(path: Path, exist_ok: bool) -> None:

@@ -49,16 +49,17 @@ def lr_at(segments: list[dict[str, Any]], step: int) -> float:
 
 def continue_schedule(segments: list[dict[str, Any]], step: int, kind: str, lr: float, total_steps: int) -> tuple[list[dict[str, Any]], str | None]:
     """The schedule for a resume at ``step`` with the (possibly changed) bundle values; a note when
-    it changed. Unchanged length, kind and rate: the saved schedule, bit for bit."""
+    it changed. Unchanged length, kind and rate: the saved schedule, bit for bit. Otherwise a new
+    segment from ``step`` to the new end starts at the current rate (after a finished schedule, the
+    last rate used), so nothing jumps or climbs back; a changed ``train.lr`` starts it at that value."""
     last = segments[-1]
     if last["end"] == total_steps and last["kind"] == kind and last["base_lr"] == lr:
         return segments, None
-    if step >= last["end"]:
-        start, how = float(lr), f"the previous schedule had ended: restarting at lr {lr:g}"
-    elif last["base_lr"] != lr:
+    if last["base_lr"] != lr:
         start, how = float(lr), f"lr set to {lr:g}"
     else:
-        start, how = lr_at(segments, step), f"continuing from the current lr {lr_at(segments, step):.3g}"
+        start = lr_at(segments, min(step, max(last["start"], last["end"] - 1)))
+        how = f"continuing from the current lr {start:.3g} (give a new train.lr to restart higher)"
     seg = {"start": int(step), "end": int(total_steps), "lr0": start, "base_lr": float(lr), "kind": kind}
     return [*segments, seg], f"learning rate: {how}, {kind} to step {total_steps}"
 

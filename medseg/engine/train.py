@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from medseg.config import Bundle, bundle_from_dict, flatten, parse_checkpoint_every
 from medseg.engine.components import LOSS_NAMES, OPTIMIZER_NAMES, make_loss, make_optimizer
@@ -143,10 +144,16 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
         run = Run.open(run_dir)
         if run.status == "running":
             raise MedsegError(f"{run_dir} is being trained by another process (pid {run.info.get('pid')} on {run.info.get('host')})")
-        notes += [f"resume changes {c}" for c in run.check_resume(bundle)]
+        changes = run.check_resume(bundle)
+        notes += [f"resume changes {c}" for c in changes]
+        if any(c.startswith("data.num_workers") for c in changes):
+            notes.append("data.num_workers changed: the augmentation stream is seeded per worker, so this run stays valid but "
+                         "is no longer bit-identical to an uninterrupted one")
         ckpt = run.checkpoint()
         if ckpt is not None and ckpt["epoch"] >= t.epochs:
-            raise MedsegError(f"{run_dir} already trained {ckpt['epoch']} epochs; raise train.epochs to continue")
+            if run.status == "complete":
+                raise MedsegError(f"{run_dir} already trained {ckpt['epoch']} epochs; raise train.epochs to continue")
+            notes.append(f"{run.path.name} was stopped after its last checkpoint: finishing it (metrics, status)")
         if ckpt is None:
             notes.append(f"{run.path.name} has no checkpoint (it stopped before its first one): training it from the start")
     elif run_dir is not None and (Path(run_dir) / "run.json").exists():
@@ -165,29 +172,53 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     splits = {"train": [c.as_dict() for c in train_cases], "val": [c.as_dict() for c in val_cases]}
     if run is not None:
         _check_same_split(run, splits)
-    tracker = make_tracker(bundle.tracking, uri=run.info.get("tracking_uri") if run is not None else None)
+    saved_uri = run.info.get("tracking_uri") if run is not None else None
+    if saved_uri and bundle.tracking.backend != "none":
+        _check_store_exists(saved_uri)
+    tracker = make_tracker(bundle.tracking, uri=saved_uri)
 
     # --- the run directory (locked from here on) ---------------------------------------------------
     amp = amp_mode(t.amp, dev)
     extra = {"device": str(dev), "amp": amp, "torch_version": torch.__version__,
              "train_cases": [c.name for c in train_cases], "val_cases": [c.name for c in val_cases],
              "parameters": sum(p.numel() for p in model.parameters())}
-    if run is None:
+    fresh = run is None
+    if fresh:
         prefix = f"{spec.display}-{OPTIMIZER_NAMES[t.optimizer]}-{LOSS_NAMES[t.loss]}"
         run = Run.create(prefix, run_dir=run_dir, runs_root=runs_root, model=bundle.model.name,
                          tracked_names=tracker.run_names(), extra=extra)
     else:
         run.acquire()
+    try:
+        # What can still fail (the checkpoint, the tracking store) fails before a file of the run changes.
+        try:
+            session = _Session(bundle, run, model, dev, amp, lut, train_cases, val_cases, console, mode, stop or StopFlag(), tracker)
+            rng = session.restore(ckpt) if ckpt is not None else None
+            if fresh:
+                run.write_description(bundle, splits, model_summary(model))
+            session.open_tracking(fresh)
+        except BaseException:
+            tracker.end("FAILED")
+            if fresh:
+                run.discard()  # a run that never started leaves nothing behind
+            raise
         run.info.update(extra)
         run.mark_running()
-    try:
-        for note in data_notes + notes:
-            console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
-        run.write_description(bundle, splits, model_summary(model))
-        session = _Session(bundle, run, model, dev, amp, lut, train_cases, val_cases, console, mode, stop or StopFlag(), tracker)
-        return session.fit(ckpt)
+        if not fresh:
+            run.write_description(bundle, splits, model_summary(model))  # the resumed bundle (a new length, ...)
+        for note in data_notes + notes + session.notes:
+            console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+        return session.fit(rng)
     finally:
         run.release()
+
+
+def _check_store_exists(uri: str) -> None:
+    """A resumed run's SQLite store must still be there (MLflow would silently create an empty one)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise MedsegError(f"the run's MLflow store {path} is gone; restore it, or resume with --tracking none")
 
 
 def _check_same_split(run: Run, splits: dict[str, list]) -> None:
@@ -243,6 +274,7 @@ class _Session:
         self.best, self.best_epoch = float("-inf"), 0
         self.history: list[dict[str, Any]] = []
         self.schedule = new_schedule(t.scheduler, t.lr, self.iters * t.epochs)
+        self.notes: list[str] = []
 
     # -- checkpoint -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -268,12 +300,13 @@ class _Session:
         self.history = [dict(row) for row in ckpt["history"]]
         self.schedule, note = continue_schedule(ckpt["schedule"], self.step, self.t.scheduler, self.t.lr, self.step_total())
         if note:
-            self.console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+            self.notes.append(note)
         return ckpt["rng"]
 
     def step_total(self) -> int:
         """Optimiser steps when the run is done (iterations per epoch may have changed on resume)."""
-        return self.step - self.iteration + self.iters * (self.t.epochs - self.epoch_done)
+        left_this_epoch = max(0, self.iters - self.iteration)
+        return self.step + left_this_epoch + self.iters * max(0, self.t.epochs - self.epoch_done - 1)
 
     # -- the data stream ----------------------------------------------------------------------------
     def batches(self, epoch: int, skip: int):
@@ -288,9 +321,11 @@ class _Session:
         return stream
 
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self, ckpt: dict | None) -> TrainResult:
-        rng = self.restore(ckpt) if ckpt is not None else None
-        self.start_tracking()
+    def fit(self, rng: dict | None) -> TrainResult:
+        """The epochs left; ``rng``: the checkpoint's RNG states (None for a fresh start)."""
+        if self.history:
+            self.run.write_metrics(self.history)  # rows a killed process checkpointed but never wrote
+        self.fill_tracking_gaps()
         policy = CheckpointPolicy(self.t.checkpoint_every, self.step)
         t = self.t
         bar = TrainProgress(self.console, t.epochs, self.iters, self.n_val, mode=self.mode,
@@ -404,12 +439,16 @@ class _Session:
             raise _StopNow
 
     # -- tracking ---------------------------------------------------------------------------------
-    def start_tracking(self) -> None:
+    def open_tracking(self, fresh: bool) -> None:
+        """Start the MLflow run (fresh), or continue the run's own one; with tracking off, keep the
+        link the run already has so a later resume with tracking continues it."""
         from medseg.track import NullTracker
 
         tracker, run = self.tracker, self.run
         previous = run.info.get("tracking_run_id")
-        if previous and not isinstance(tracker, NullTracker):
+        if isinstance(tracker, NullTracker):
+            return
+        if previous:
             try:
                 tracker.resume(previous)
             except Exception as e:
@@ -418,17 +457,21 @@ class _Session:
                                   "resume with --tracking none, or restore that store") from None
         else:
             params = flatten(self.bundle.to_dict())
-            params.update({"parameters": run.info["parameters"], "device": str(self.dev), "amp_mode": self.amp,
-                           "train_cases": len(run.info["train_cases"]), "val_cases": len(run.info["val_cases"])})
+            params.update({"parameters": sum(p.numel() for p in self.model.parameters()), "device": str(self.dev),
+                           "amp_mode": self.amp, "train_cases": len(self.train_ds), "val_cases": len(self.val_ds)})
             tracker.start(run.name, params, {"medseg.model": self.bundle.model.name, "medseg.run_dir": str(run.path.resolve())})
             for name in ("bundle.json", "model_summary.txt", "labels.json"):
-                tracker.log_artifact(run.path / name)
-            tracker.log_metrics({"parameters": run.info["parameters"]}, step=0)
-        run.save_info(tracking_run_id=tracker.run_id, tracking_uri=tracker.uri)
-        logged = tracker.logged_steps("train_loss")
-        for row in self.history:  # epochs a killed process finished but never logged: one continuous history
+                if (run.path / name).is_file():
+                    tracker.log_artifact(run.path / name)
+            tracker.log_metrics({"parameters": params["parameters"]}, step=0)
+        run.info.update(tracking_run_id=tracker.run_id, tracking_uri=tracker.uri)
+
+    def fill_tracking_gaps(self) -> None:
+        """Epochs a killed process finished but never logged: one continuous history."""
+        logged = self.tracker.logged_steps("train_loss")
+        for row in self.history:
             if row["epoch"] not in logged:
-                tracker.log_metrics(_metrics_of(row), step=row["epoch"])
+                self.tracker.log_metrics(_metrics_of(row), step=row["epoch"])
 
 
 def _metrics_of(row: dict[str, Any]) -> dict[str, float]:
