@@ -271,7 +271,8 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
 CASE_IDS = [
     "bundle-unknown-key", "bundle-bad-choice", "bundle-not-json", "bundle-not-utf8", "bundle-array", "bundle-is-folder",
     "bundle-missing", "model-args-string-set", "model-args-string-file", "model-args-unknown", "unetr-window-roi", "roi-huge",
-    "roi-not-multiple", "checkpoint-every", "hu-window-brackets", "run-dir-is-file", "run-dir-foreign-folder", "runs-root-is-file", "runs-root-read-only",
+    "roi-not-multiple", "checkpoint-every", "hu-window-brackets", "run-dir-is-file", "run-dir-foreign-folder",
+    "runs-root-is-file", "runs-root-read-only",
     "resume-no-run-dir", "resume-not-a-run", "resume-with-bundle", "resume-incompatible", "resume-nothing-left", "progress-choice",
     "device-cuda", "unknown-option", "unknown-command",
     "data-truncated-nifti", "data-huge-header", "data-shape-mismatch", "data-affine-mismatch", "data-nan", "data-2d", "data-empty",

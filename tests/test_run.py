@@ -3,7 +3,6 @@ moments, a second writer, MLflow continuity from another directory, checkpoint c
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
