@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from medseg import __version__
-from medseg.cli_common import DeviceOpt, SetOpt, TrackingOpt, app, err, out, user_errors
+from medseg.cli_common import DeviceOpt, SetOpt, TrackingOpt, app, err, out, print_table, user_errors
 from medseg.errors import MedsegError
 
 
@@ -66,6 +66,8 @@ def train(
             raise MedsegError("name a bundle, e.g. medseg train bundles/swin_unetr.json")
         cfg = load_bundle(bundle, overrides)
 
+    import signal
+
     from medseg.engine.train import StopFlag, Stopped
     from medseg.engine.train import train as run_training
 
@@ -74,9 +76,10 @@ def train(
     try:
         result = run_training(cfg, run_dir=run_dir, runs_root=runs_root, device=device, resume=resume,
                               console=err, progress="off" if no_progress else progress, stop=stop)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]" + ("" if stop.armed else " before training started; no run was written or changed"))
+        raise typer.Exit(143 if stop.signal == signal.SIGTERM else 130) from None
     except Stopped as e:
-        import signal
-
         err.print(f"[yellow]stopped[/yellow] in epoch {e.epoch} after iteration {e.iteration}; checkpoint written. Continue with:\n"
                   f"  medseg train --resume --run-dir {e.run_dir}", highlight=False, soft_wrap=True)
         raise typer.Exit(143 if e.signum == signal.SIGTERM else 130) from None
@@ -89,7 +92,8 @@ def _stop_on_signals(stop) -> None:
     import signal
 
     def handler(signum, frame):
-        if stop.requested and signum == signal.SIGINT:
+        if not stop.armed or (stop.requested and signum == signal.SIGINT):
+            stop.signal = stop.signal or signum
             raise KeyboardInterrupt
         stop.request(signum)
         err.print("[yellow]stopping after this step (Ctrl-C again to abort without a checkpoint)[/yellow]")
@@ -114,17 +118,17 @@ def _print_result(result) -> None:
             table.add_row(key.removeprefix("val_dice_"), f"{value:.3f}")
     if last:
         table.add_row("[bold]mean[/bold]", f"[bold]{last['val_mean_dice']:.3f}[/bold]")
-    out.print(table)
+    print_table(table)
     out.print(f"best mean Dice {result.best_dice:.3f} at epoch {result.best_epoch}; run directory: {result.run_dir}")
 
 
 @app.command()
 @user_errors
 def infer(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="NIfTI file, DICOM series folder, folder of NIfTI files, or a "
+    input_arg: Annotated[str, typer.Argument(metavar="INPUT", help="NIfTI file, DICOM series folder, folder of NIfTI files, or a "
                                                "dataset folder (imagesTr/ and imagesTs/, or image.nii.gz: only images are segmented).")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="PATH",
-                                                help="Output label map (one scan) or folder (a folder input).")] = None,
+    output_arg: Annotated[str | None, typer.Option("-o", "--output", metavar="PATH",
+                                                   help="Output label map (one scan) or folder (a folder input).")] = None,
     run: Annotated[Path | None, typer.Option("--run", metavar="DIR", help="Run directory; default: the newest complete run under ./runs.")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", metavar="best|last",
                                             help="best (best validation Dice) or last (the latest checkpoint).")] = "best",
@@ -150,8 +154,10 @@ def infer(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from medseg.cli_common import check_choice
+    from medseg.cli_common import check_choice, path_arg
     from medseg.engine.infer import Predictor, check_outputs, plan_inputs, segment_file, wanted_outputs
+
+    input_path, output = path_arg(input_arg, "INPUT"), path_arg(output_arg, "-o")
 
     check_choice("--checkpoint", checkpoint, ("best", "last"))
     check_choice("--window", window, ("auto", "monai", "stream"))
@@ -206,20 +212,24 @@ def infer(
 @app.command()
 @user_errors
 def evaluate(
-    pred: Annotated[Path, typer.Argument(help="Predicted label map, or a folder of them (X_seg.nii.gz matches X.nii.gz).")],
-    gt: Annotated[Path, typer.Argument(help="Ground-truth label map, or a folder of them (a Decathlon folder: its labelsTr/).")],
+    pred_arg: Annotated[str, typer.Argument(metavar="PRED", help="Predicted label map, or a folder of them (X_seg.nii.gz matches X.nii.gz).")],
+    gt_arg: Annotated[str, typer.Argument(metavar="GT", help="Ground-truth label map, or a folder of them (a Decathlon folder: its labelsTr/).")],
     pred_labels: Annotated[Path | None, typer.Option("--pred-labels", help="JSON value -> name for PRED (default: its sidecar X_seg.json).")] = None,
     gt_labels: Annotated[Path | None, typer.Option(
         "--gt-labels", help="JSON value -> name (or a dataset.json) for GT (default: a Decathlon folder's dataset.json).")] = None,
     nsd_tolerance: Annotated[float, typer.Option("--nsd-tolerance", min=0.0, help="Normalised surface Dice tolerance in mm.")] = 2.0,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Prefix for .csv and .json (default: beside PRED).")] = None,
+    output_arg: Annotated[str | None, typer.Option("-o", "--output", metavar="PREFIX",
+                                                   help="Prefix for .csv and .json (default: beside PRED).")] = None,
 ) -> None:
     """Per-class Dice, IoU, precision, recall, accuracy, HD95 (mm) and NSD, classes matched by name; printed and written as CSV/JSON."""
     from rich.markup import escape
     from rich.table import Table
 
+    from medseg.cli_common import path_arg
     from medseg.engine.evaluate import METRICS, check_writable, report_prefix, write_report
     from medseg.engine.evaluate import evaluate as run_evaluate
+
+    pred, gt, output = path_arg(pred_arg, "PRED"), path_arg(gt_arg, "GT"), path_arg(output_arg, "-o")
 
     prefix = report_prefix(pred, output)
     check_writable(prefix)
@@ -239,7 +249,7 @@ def evaluate(
     s = report.summary
     table.add_row("[bold]mean (foreground)[/bold]", *(fmt(s[f"mean_{m}"]) for m in METRICS))
     table.add_row("mean (with background)", *(fmt(s[f"mean_{m}_with_background"]) for m in METRICS))
-    out.print(table)
+    print_table(table)
     csv_path, json_path = write_report(report, prefix)
     out.print(f"wrote {csv_path} and {json_path}", soft_wrap=True, highlight=False)
 
@@ -280,7 +290,7 @@ def models() -> None:
         n = sum(p.numel() for p in create_model(name, out_channels=5, roi=roi).parameters())
         constraint = f"{list(spec.roi_multiple)} / {list(spec.min_roi)}"
         table.add_row(name, spec.display, f"{n / 1e6:.1f} M", constraint, spec.description)
-    out.print(table)
+    print_table(table)
 
 
 from medseg import cli_cost  # noqa: E402,F401  (registers flops and memory)

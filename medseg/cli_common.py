@@ -44,6 +44,26 @@ def _install_one_line_usage_errors() -> None:
 _install_one_line_usage_errors()
 
 
+def print_table(table) -> None:
+    """A rich table on stdout; in a pipe or a file (80 columns by default) it is printed as wide as it
+    needs, so class names are not cut to ``kidney_ri…`` in a log."""
+    if out.is_terminal:
+        out.print(table)
+    else:
+        Console(file=out.file, width=240).print(table)
+
+
+def path_arg(text: str | None, what: str):
+    """A path typed by the user; an empty one (an unset ``$SCAN``) is an error, not the current folder."""
+    from pathlib import Path
+
+    if text is None:
+        return None
+    if not text.strip():
+        raise MedsegError(f"{what} is empty (an unset shell variable?); give a path")
+    return Path(text)
+
+
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     """One line with the closest valid choice for a mistyped option value."""
     if value not in choices:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medseg.cli_common import app, out, user_errors
+from medseg.cli_common import app, out, print_table, user_errors
 from medseg.errors import MedsegError
 
 ModelOpt = Annotated[str | None, typer.Option("--model", help="A registered model (medseg models).")]
@@ -228,7 +228,7 @@ def _model_flops(target: Target, volume, overlap, tta, batch, as_json) -> None:
     for module, f in cost.per_module.items():
         table.add_row(module, f"{f:,}", f"{f / 2e9:.2f}", f"{100 * f / cost.forward_flops:.1f}%")
     table.add_row("[bold]total[/bold]", f"[bold]{cost.forward_flops:,}[/bold]", f"[bold]{cost.forward_macs / 1e9:.2f}[/bold]", "100%")
-    out.print(table)
+    print_table(table)
     t = report["training_per_iteration"]
     out.print(f"forward: {human(cost.forward_flops)} ({cost.forward_macs / 1e9:.2f} GMACs) per window; "
               f"forward + backward counted: {human(cost.train_flops)} per patch "
@@ -322,7 +322,7 @@ def _print_memory(name: str, train, infer, volume: str | None, plan: dict | None
         for part, b in est.host.items():
             table.add_row(part + (" *" if part in est.cuda_only else ""), "", human_bytes(b))
         table.add_row("[bold]estimated peak[/bold]", f"[bold]{human_bytes(est.device_total)}[/bold]", f"[bold]{human_bytes(est.host_total)}[/bold]")
-        out.print(table)
+        print_table(table)
         if est.amp:
             out.print("a CPU run uses no AMP: --no-amp gives its RAM (GPU and host parts together)", highlight=False)
         else:

@@ -249,8 +249,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise BundleError(f"{path} must be an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BundleError(f"{path} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BundleError(f"{path} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -270,7 +270,7 @@ def _check_values(b: Bundle) -> None:
     need(len(d.labels) > 0, "data.labels must name at least one class")
     need(len(set(d.labels)) == len(d.labels), "data.labels has a repeated name")
     need("background" not in d.labels, "data.labels must not list 'background': it is class 0 and implied")
-    need(len(d.spacing) == 3 and all(s > 0 for s in d.spacing), "data.spacing must be 3 positive numbers (mm)")
+    need(len(d.spacing) == 3 and all(0.05 <= s <= 50 for s in d.spacing), "data.spacing must be 3 numbers between 0.05 and 50 (mm)")
     need(len(d.hu_window) == 2 and d.hu_window[0] < d.hu_window[1], "data.hu_window must be [low, high] with low < high")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
     need(d.phantom.cases >= 1, "data.phantom.cases must be at least 1")

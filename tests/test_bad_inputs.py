@@ -144,6 +144,14 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
         "source-labels-list": Bad(blob(data("d-list"), "--set", f"data.source_labels={ws / 'labels' / 'list.json'}"), "list.json"),
         "source-labels-missing": Bad(blob(data("d-miss"), "--set", f"data.source_labels={ws / 'labels' / 'nope.json'}"), "nope.json"),
         "class-not-in-source": Bad(train("--set", 'data.labels=["livr"]'), "did you mean 'liver'"),
+        "class-in-no-case": Bad(train("--set", f"data.source={data('d-absent')}", "--set", 'data.labels=["blob","other"]',
+                                      "--set", 'data.source_labels={"1": "blob", "2": "other"}'), "'other' occurs in none of the 1 case(s)"),
+        "data-spacing-metres": Bad(blob(data("d-metres", affine=np.diag([3000.0, 3000.0, 3000.0, 1.0]),
+                                             label_affine=np.diag([3000.0, 3000.0, 3000.0, 1.0]))), "is not that of a CT"),
+        "bundle-spacing-huge": Bad(train("--set", "data.spacing=[1e6,1e6,1e6]"), "data.spacing must be 3 numbers between"),
+        "bundle-spacing-tiny": Bad(train("--set", "data.spacing=[0.01,0.01,0.01]"), "data.spacing must be 3 numbers between"),
+        "bundle-lr-infinite": Bad(train("--set", "train.lr=Infinity"), "train.lr must be a finite number"),
+        "model-args-negative": Bad(train("--set", "model.args.feature_size=-1"), "negative dimension"),
     })
 
     # --- inference: NIfTI ------------------------------------------------------------------------------
@@ -156,6 +164,8 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
     (scans / "notes.txt").write_text("not an image")
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 10, 3), np.int16), np.eye(4)), scans / "four_d.nii.gz")
     _gz_header_claiming(scans / "huge.nii.gz", (30000, 30000, 30000))
+    nib.save(nib.Nifti1Image(np.asarray(good.dataobj)[:20, :20, :10], np.diag([3000.0, 3000.0, 3000.0, 1.0])), scans / "metres.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(good.dataobj)[:20, :20, :10], np.diag([0.003, 0.003, 0.003, 1.0])), scans / "microns.nii.gz")
     batch = ws / "batch"
     batch.mkdir()
     shutil.copy(scans / "ct.nii.gz", batch / "a.nii.gz")
@@ -180,6 +190,9 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
     (bad_args / "bundle.json").write_text(json.dumps(b))
     cases.update({
         "infer-missing": Bad(infer(str(scans / "missing.nii.gz")), "no such file"),
+        "infer-empty-path": Bad(infer(""), "INPUT is empty"),
+        "infer-voxels-in-metres": Bad(infer(str(scans / "metres.nii.gz"), "-o", str(ws / "o7.nii.gz")), "is not that of a CT"),
+        "infer-voxels-in-microns": Bad(infer(str(scans / "microns.nii.gz"), "-o", str(ws / "o8.nii.gz")), "is not that of a CT"),
         "infer-text": Bad(infer(str(scans / "notes.txt")), "not a NIfTI file"),
         "infer-truncated": Bad(infer(str(scans / "truncated.nii.gz"), "-o", str(ws / "new" / "deep" / "o1.nii.gz")),
                                "truncated.nii.gz: corrupt or truncated"),  # and no folders left behind
@@ -215,6 +228,8 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
     mixed = write_dicom_series(series, ws / "dicom_two_series")
     scout = nib.Nifti1Image(np.asarray(series.dataobj)[:, :, :2], series.affine)
     write_dicom_series(scout, mixed, series_uid="1.2.826.0.1.3680043.2.1125.99", prefix="scout")
+    nested = ws / "dicom_parent"
+    shutil.copytree(mixed, nested / "series")
     seg_only = ws / "dicom_seg_only"
     seg_only.mkdir()
     if (SHARED_DATA / "dicom_ct_3slice" / "liver_seg.dcm").is_file():
@@ -223,6 +238,8 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
         "dicom-missing-slice": Bad(infer(str(gap), "-o", str(ws / "d1.nii.gz")), "not evenly spaced"),
         "dicom-truncated-slice": Bad(infer(str(trunc), "-o", str(ws / "d2.nii.gz")), victim.name),
         "dicom-empty-folder": Bad(infer(str(ws / "emptydir"), "-o", str(ws / "d3.nii.gz")), "no DICOM series"),
+        "dicom-single-file": Bad(infer(str(sorted(mixed.glob("*.dcm"))[0]), "-o", str(ws / "d7.nii.gz")), "a single DICOM file"),
+        "dicom-parent-folder": Bad(infer(str(nested), "-o", str(ws / "d8.nii.gz")), "are not searched: give the series' own folder"),
         "dicom-seg-only": Bad(infer(str(seg_only), "-o", str(ws / "d4.nii.gz")), "no CT image series", needs_shared=True),
         "dicom-unknown-series": Bad(infer(str(mixed), "-o", str(ws / "d5.nii.gz"), "--series", "1.2.3.4"), "no series with SeriesInstanceUID"),
         "dicom-two-series": Bad(infer(str(mixed), "-o", str(ws / "d6.nii.gz")), exit=0, output_has="the one with the most slices",
@@ -252,6 +269,7 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
                                      "/sys/medseg"),
         "eval-shape-mismatch": Bad(["evaluate", str(ev / "small.nii.gz"), gt, "-o", str(ws / "e5")], "shape"),
         "eval-missing": Bad(["evaluate", pred, str(ev / "nope.nii.gz")], "no such file"),
+        "eval-empty-path": Bad(["evaluate", "", gt], "PRED is empty"),
         "eval-old-labels-option": Bad(["evaluate", pred, gt, "--labels", str(ev / "case_seg.json")], "No such option: --labels"),
     })
 
@@ -277,14 +295,15 @@ CASE_IDS = [
     "device-cuda", "unknown-option", "unknown-command",
     "data-truncated-nifti", "data-huge-header", "data-shape-mismatch", "data-affine-mismatch", "data-nan", "data-2d", "data-empty",
     "label-value-unlisted", "label-value-below-max", "source-labels-negative", "source-labels-not-utf8", "source-labels-list",
-    "source-labels-missing", "class-not-in-source",
-    "infer-missing", "infer-text", "infer-truncated", "infer-4d", "infer-huge-header", "infer-force-onto-input",
+    "source-labels-missing", "class-not-in-source", "class-in-no-case", "data-spacing-metres", "bundle-spacing-huge",
+    "bundle-spacing-tiny", "bundle-lr-infinite", "model-args-negative",
+    "infer-missing", "infer-empty-path", "infer-voxels-in-metres", "infer-voxels-in-microns", "infer-text", "infer-truncated", "infer-4d", "infer-huge-header", "infer-force-onto-input",
     "infer-not-nifti-output", "infer-folder-to-file", "infer-batch-one-truncated", "infer-dataset-folder", "infer-weights-truncated",
     "infer-run-bad-args", "infer-not-a-run", "infer-no-runs", "infer-checkpoint-choice", "infer-unknown-class", "infer-overlap",
     "infer-window-choice", "infer-old-labels-option",
-    "dicom-missing-slice", "dicom-truncated-slice", "dicom-empty-folder", "dicom-seg-only", "dicom-unknown-series", "dicom-two-series",
+    "dicom-missing-slice", "dicom-truncated-slice", "dicom-empty-folder", "dicom-single-file", "dicom-parent-folder", "dicom-seg-only", "dicom-unknown-series", "dicom-two-series",
     "eval-ct-as-prediction", "eval-names-one-side", "eval-labels-not-utf8", "eval-labels-list", "eval-output-read-only",
-    "eval-shape-mismatch", "eval-missing", "eval-old-labels-option",
+    "eval-shape-mismatch", "eval-missing", "eval-empty-path", "eval-old-labels-option",
     "flops-arg-string", "flops-overlap-one", "flops-model-and-bundle", "flops-shape-count", "memory-budget-no-unit",
     "memory-model-and-bundle", "memory-unknown-model",
 ]

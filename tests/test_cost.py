@@ -571,3 +571,19 @@ def test_analytic_flops_import_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_tracing_a_big_step_allocates_no_real_memory():
+    """MONAI's one-hot target used to be a real tensor in the trace: batch 4 x 14 classes x 256^3
+    float32 is 3.8 GB of real RAM for a number that should cost nothing (the OOM killer ended
+    `medseg memory --budget` on large budgets). Peak RSS of a fresh process, after the imports."""
+    code = ("import resource, torch\nfrom medseg.cost.memory import training_memory\n"
+            "training_memory('vnet', (32,) * 3, 1, 14, {})\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "est = training_memory('vnet', (256,) * 3, 4, 14, {})\n"
+            "print(est.device_total, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    estimate, grown = (int(v) for v in done.stdout.split()[-2:])
+    assert estimate > 4 * 14 * 256**3 * 4  # the one-hot target is counted ...
+    assert grown < 600 * 2**20, grown / 2**20  # ... but never allocated

@@ -547,3 +547,16 @@ def test_bad_run_directories(threshold_run, tmp_path, cli, monkeypatch):
     result = cli("infer", scan, "--run", threshold_run)
     assert result.exit_code == 2 and "missing weights model_best.pt" in result.output
     assert not list(tmp_path.glob("scan_seg*"))
+
+
+def test_a_scan_that_is_not_ct_gets_a_note(threshold_run):
+    """A label map, a mask or an all-air volume passed as the scan is segmented into nonsense
+    volumes; the user is told it does not look like CT, and a real CT gets no such note."""
+    predictor = Predictor(threshold_run, device="cpu")
+    case = make_case(seed=4, index=0)
+    ct_notes = predictor(case.image).notes
+    assert not [n for n in ct_notes if "Hounsfield" in n]
+    label_as_scan = nib.Nifti1Image(np.asarray(case.label.dataobj).astype(np.int16), case.label.affine)
+    assert any("does not look like CT" in n for n in predictor(label_as_scan).notes)
+    air = nib.Nifti1Image(np.full((40, 40, 20), -1000, np.int16), np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert any("nothing in this scan is brighter" in n for n in predictor(air).notes)

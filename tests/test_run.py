@@ -265,6 +265,21 @@ def test_a_second_writer_is_refused(tmp_path):
     assert Run.open(run_dir).status == "killed"
 
 
+def test_a_stop_before_training_starts_exits_at_once_and_writes_nothing(tmp_path):
+    """Checking and caching data can take long; a scheduler's SIGTERM there must not wait for the
+    first step (it would be followed by SIGKILL)."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "data_ready")
+    for line in proc.stderr:
+        if "medseg-test-hook: data_ready" in line:
+            t0 = time.time()
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and time.time() - t0 < 20, err
+    assert "before training started" in err and not run_dir.exists()
+
+
 def test_sigterm_stops_at_a_step_checkpoints_and_says_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(run_dir, None)

@@ -139,6 +139,27 @@ def _autocast(amp: bool):
     return contextlib.nullcontext(contextlib.nullcontext)
 
 
+@contextlib.contextmanager
+def _fake_safe_one_hot():
+    """MONAI's one_hot allocates its output with ``torch.zeros(..., device=labels.device)``, which
+    outside FakeTensorMode is a real tensor: tracing a big ROI then used gigabytes of real memory.
+    The same zeros + scatter, made from the labels tensor, stays fake (and costs the same bytes)."""
+    import monai.losses.dice as dice
+
+    original = dice.one_hot
+
+    def one_hot(labels, num_classes, dtype=torch.float, dim=1):
+        shape = list(labels.shape)
+        shape[dim] = num_classes
+        return labels.new_zeros(shape, dtype=dtype).scatter_(dim, labels.long(), 1)
+
+    dice.one_hot = one_hot
+    try:
+        yield
+    finally:
+        dice.one_hot = original
+
+
 def trace_training(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, optimizer, amp: bool = False) -> StepTrace:
     """Two real training steps (as ``medseg.engine.train.train_epoch`` runs them) under the tracker.
     Works on real tensors as well as fake ones: the benchmark and the tests use both."""
@@ -186,7 +207,8 @@ def training_memory(name: str, roi, batch: int = 2, classes: int = 14, args: dic
         x = torch.empty((batch, 1, *roi))
         y = torch.zeros((batch, 1, *roi))
     loss_fn, optimizer = loss_and_optimizer(model, train_cfg)
-    trace = trace_training(model, x, y, loss_fn, optimizer, amp)
+    with _fake_safe_one_hot():
+        trace = trace_training(model, x, y, loss_fn, optimizer, amp)
     batch_bytes = 2 * x.numel() * 4
     opt_name = type(optimizer).__name__
     device = {"parameters and buffers (float32)": tensor_bytes(model),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.config import DataConfig
-from medseg.data.io import case_name, check_3d, is_nifti, load_array, read_image, same_geometry, spacing_of
+from medseg.data.io import case_name, check_3d, check_grid, is_nifti, load_array, read_image, same_geometry, spacing_of
 from medseg.data.labels import build_lut, check_label_values, known_values, read_source_labels
 from medseg.errors import DataError
 
@@ -136,10 +136,11 @@ def _from_dataset_json(path: Path) -> Datalist:
     return Datalist(cases, labels, root)
 
 
-def validate_cases(cases: list[Case], lut: np.ndarray, progress=None, *, known: np.ndarray) -> list[str]:
-    """Read every case once: 3D, finite, image and label on the same grid, label values among
-    ``known`` (see :func:`~medseg.data.labels.known_values`). Returns warnings (cases with none of
-    the wanted classes)."""
+def validate_cases(cases: list[Case], lut: np.ndarray, progress=None, *, known: np.ndarray, spacing=None,
+                   present: set[int] | None = None) -> list[str]:
+    """Read every case once: 3D, finite, a CT voxel size (and a sane size at ``spacing``), image and
+    label on the same grid, label values among ``known`` (see :func:`~medseg.data.labels.known_values`).
+    Adds the output classes found to ``present``. Returns warnings (cases with none of the wanted classes)."""
     warnings = []
     for i, case in enumerate(cases):
         img = read_image(case.image)
@@ -150,10 +151,14 @@ def validate_cases(cases: list[Case], lut: np.ndarray, progress=None, *, known: 
             raise DataError(f"case {case.name}: image shape {shape} != label shape {lshape}")
         if not same_geometry(img, lab, atol=1e-2 * min(spacing_of(img.affine))):
             raise DataError(f"case {case.name}: image and label maps have different affines (geometry)")
+        check_grid(img, case.image, spacing)
         load_array(img, case.image)
         label = load_array(lab, case.label, dtype=np.float64)
         check_label_values(label, case.label, known=known)
-        if not lut[label.astype(np.int64)].any():
+        found = np.unique(lut[label.astype(np.int64)])
+        if present is not None:
+            present.update(int(v) for v in found)
+        if not found.any():
             warnings.append(f"case {case.name}: none of the requested classes is present")
         if progress is not None:
             progress(i + 1, len(cases))
@@ -180,7 +185,13 @@ def prepare(cfg: DataConfig, labels: list[str], progress=None) -> tuple[Datalist
     tell = (lambda stage: (lambda i, n: progress(stage, i, n))) if progress else (lambda stage: None)
     found = resolve_source(cfg, tell("phantom"))
     lut = build_lut(labels, found.source_labels)
-    notes = validate_cases(found.cases, lut, tell("check"), known=known_values(labels, found.source_labels))
+    present: set[int] = set()
+    notes = validate_cases(found.cases, lut, tell("check"), known=known_values(labels, found.source_labels), spacing=cfg.spacing,
+                           present=present)
+    missing = [name for i, name in enumerate(labels, start=1) if i not in present]
+    if missing:
+        raise DataError(f"data.labels: {', '.join(repr(n) for n in missing)} occur{'s' if len(missing) == 1 else ''} in none of the "
+                        f"{len(found.cases)} case(s) of {cfg.source}: a model cannot learn a class it never sees; remove it from data.labels")
     train, val, note = split(found.cases, cfg.val_fraction, cfg.split_seed)
     if note:
         notes.append(note)

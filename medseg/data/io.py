@@ -48,6 +48,8 @@ def read_image(path: str | Path, series_uid: str | None = None) -> nib.Nifti1Ima
     if series_uid is not None:
         raise DataError(f"{p}: a series UID ({series_uid}) selects a series in a DICOM folder, and this is a file")
     if not is_nifti(p):
+        if p.suffix.lower() == ".dcm" or _has_dicom_preamble(p):
+            raise DataError(f"{p}: a single DICOM file; give the folder of its series ({p.parent})")
         raise DataError(f"{p}: not a NIfTI file (.nii or .nii.gz) or a DICOM folder")
     try:
         img = nib.load(str(p))
@@ -61,6 +63,18 @@ def read_image(path: str | Path, series_uid: str | None = None) -> nib.Nifti1Ima
 # number of gzip members, so a .nii.gz of N bytes holds at most this many bytes of header + voxels.
 # (The gzip ISIZE trailer is not used: it is the size modulo 4 GiB of the last member only.)
 MAX_DEFLATE_RATIO = 1040
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _short_list(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def check_data_size(img: nib.spatialimages.SpatialImage, path: Path) -> None:
@@ -113,6 +127,26 @@ def check_memory(img: nib.Nifti1Image, path: str | Path, dtype: type) -> None:
     if need > available:
         raise DataError(f"{path}: loading shape {tuple(img.shape)} needs at least {human_bytes(need)}, "
                         f"more than the {human_bytes(available)} of memory available")
+
+
+VOXEL_MM = (0.01, 100.0)  # any CT voxel edge lies in here; outside it, the header's units or affine are wrong
+MAX_RESAMPLED_VOXELS = 2**31  # 8 GiB as float32: far beyond any body at any sane spacing
+
+
+def check_grid(img: nib.Nifti1Image, path: str | Path, target_spacing=None) -> None:
+    """Refuse voxel sizes no CT has (a header in metres or microns) and a resampling to
+    ``target_spacing`` that would make an impossibly large volume, before anything is allocated."""
+    zooms = spacing_of(img.affine)
+    if not all(VOXEL_MM[0] <= z <= VOXEL_MM[1] for z in zooms):
+        sizes = " x ".join(f"{z:g}" for z in zooms)
+        raise DataError(f"{path}: voxel size {sizes} mm is not that of a CT ({VOXEL_MM[0]:g} to {VOXEL_MM[1]:g} mm); "
+                        "check the header's units and affine")
+    if target_spacing is not None:
+        shape = [int(n) for n in img.shape[:3]]
+        voxels = math.prod(n * z / t for n, z, t in zip(shape, zooms, target_spacing))
+        if voxels > MAX_RESAMPLED_VOXELS:
+            raise DataError(f"{path}: resampled to {list(target_spacing)} mm it would have {voxels:,.0f} voxels "
+                            f"(at most {MAX_RESAMPLED_VOXELS:,}); check its voxel size and data.spacing")
 
 
 def check_3d(img: nib.Nifti1Image, path: str | Path) -> tuple[int, int, int]:
@@ -229,9 +263,11 @@ def choose_series(folder: Path, found: DicomFolder, series_uid: str | None) -> t
     ranked = sorted(found.series.values(), key=lambda s: (-len(s.files), s.uid))
     available = "; CT series here: " + ", ".join(s.describe() for s in ranked) if ranked else ""
     if not ranked:
+        subfolders = sorted(d.name + "/" for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        hint = f"; its subfolders ({_short_list(subfolders)}) are not searched: give the series' own folder" if subfolders else ""
         if not found.ignored_files:
-            raise DataError(f"{folder}: no DICOM series found in this folder")
-        raise DataError(f"{folder}: no CT image series in this folder (found only {found.summary()})")
+            raise DataError(f"{folder}: no DICOM series found in this folder{hint}")
+        raise DataError(f"{folder}: no CT image series in this folder (found only {found.summary()}){hint}")
     if series_uid is None:
         chosen, how = ranked[0], ", the one with the most slices" if len(ranked) > 1 else ""
     elif series_uid in found.series:

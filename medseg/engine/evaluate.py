@@ -276,31 +276,51 @@ def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None
 # ---------------------------------------------------------------- cases and reports
 
 
+def _label_file(folder: Path) -> Path | None:
+    return next((folder / n for n in ("label.nii.gz", "label.nii") if (folder / n).is_file()), None)
+
+
+def ground_truth_cases(gt: Path) -> dict[str, Path]:
+    """Case name -> label map in a ground-truth folder, in the layouts training reads (and
+    ``medseg infer`` names its outputs after): labelsTr/, a folder holding label.nii.gz (the case is
+    the folder's name), case subfolders that each hold one, or label maps side by side."""
+    if (gt / "labelsTr").is_dir():
+        gt = gt / "labelsTr"
+    single = _label_file(gt)
+    if single is not None:
+        return {gt.name: single}
+    nested = {d.name: f for d in sorted(gt.iterdir()) if d.is_dir() and (f := _label_file(d)) is not None}
+    if nested:
+        return nested
+    return _by_case(gt, strip_seg=False)
+
+
+def _by_case(folder: Path, strip_seg: bool) -> dict[str, Path]:
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and is_nifti(f) and not f.name.startswith(".") and not case_name(f).endswith("_probabilities"):
+            name = case_name(f)
+            out[name[:-4] if strip_seg and name.endswith("_seg") else name] = f
+    return out
+
+
 def pair_inputs(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
-    """Files, or folders matched by case name (``X_seg.nii.gz`` matches ``X.nii.gz``); a Decathlon
-    folder as ground truth means its labelsTr/."""
+    """Files, or folders matched by case name (``X_seg.nii.gz`` matches ``X.nii.gz``, or the case
+    folder ``X/label.nii.gz``); a dataset folder as ground truth means its label maps."""
     for p in (pred, gt):
         if not p.exists():
             raise MedsegError(f"no such file or folder: {p}")
+    if pred.is_file() and gt.is_dir() and _label_file(gt) is not None:
+        gt = _label_file(gt)
     if pred.is_file() and gt.is_file():
         return [(case_name(gt), pred, gt)]
     if pred.is_dir() != gt.is_dir():
         raise MedsegError("PRED and GT must both be files or both be folders")
-    if (gt / "labelsTr").is_dir() and (gt / "dataset.json").is_file():
-        gt = gt / "labelsTr"
-
-    def by_case(folder: Path, strip_seg: bool) -> dict[str, Path]:
-        out = {}
-        for f in sorted(folder.iterdir()):
-            if f.is_file() and is_nifti(f) and not f.name.startswith(".") and not case_name(f).endswith("_probabilities"):
-                name = case_name(f)
-                out[name[:-4] if strip_seg and name.endswith("_seg") else name] = f
-        return out
-
-    preds, gts = by_case(pred, True), by_case(gt, False)
+    preds, gts = _by_case(pred, True), ground_truth_cases(gt)
     common = sorted(set(preds) & set(gts))
     if not common:
-        raise MedsegError(f"no case names match between {pred} and {gt}")
+        raise MedsegError(f"no case names match between {pred} ({_some(sorted(preds), 3) or 'no label maps'}) and {gt} "
+                          f"({_some(sorted(gts), 3) or 'no label maps'})")
     missing = sorted(set(gts) - set(preds))
     if missing:
         raise MedsegError(f"{len(missing)} ground-truth cases have no prediction (first: {missing[0]})")

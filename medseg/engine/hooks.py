@@ -1,6 +1,6 @@
 """Test hooks: let a test stop a training process at an exact moment (to SIGKILL it there).
 
-``MEDSEG_TEST_HOOK=checkpoint_write`` (or ``validation``, ``epoch_end``, ``step:N``) makes the process print
+``MEDSEG_TEST_HOOK=checkpoint_write`` (or ``data_ready``, ``validation``, ``epoch_end``, ``step:N``) makes the process print
 ``medseg-test-hook: <name>`` to stderr and sleep ``MEDSEG_TEST_HOOK_SECONDS`` (default 60) when it
 reaches that point. Unset, a hook costs one dictionary lookup.
 """

@@ -108,6 +108,7 @@ class Predictor:
         source = source or "input image"
         keep = self.class_subset(classes)
         x, model_affine = preprocess(image, self.bundle, source)
+        ct_note = _ct_note(x, self.bundle.data.hu_window)
         crop = body_box(x)
         xc = x[(slice(None), slice(None), *crop)]
         n = len(self.names)
@@ -128,7 +129,7 @@ class Predictor:
         counts = np.bincount(labels.ravel(), minlength=n)
         volume = {names[k]: round(float(counts[k]) * voxel_ml, 3) for k in names if k != 0}
         return Segmentation(_like(image, labels), names, prob_img, result.method, time.time() - t0, volume, resample,
-                            [note] if note else [])
+                            [n for n in (ct_note, note) if n])
 
     def class_subset(self, classes: list[str] | None) -> list[int] | None:
         """The label values of ``classes`` (names), or None for all; unknown names are an error."""
@@ -139,6 +140,21 @@ class Predictor:
         if unknown:
             raise MedsegError(f"--classes: {', '.join(unknown)} not in this run's classes ({', '.join(by_name)})")
         return [by_name[n] for n in classes]
+
+
+def _ct_note(x: torch.Tensor, hu_window) -> str | None:
+    """A warning when the windowed scan does not look like CT in Hounsfield units: a CT holds air or
+    fat (below the window) around and inside the body and is not mostly bone-bright. A label map, a
+    mask, an MR or a scan stored in other units fails this, and its segmentation means nothing."""
+    below = float((x <= 0).float().mean())
+    above = float((x >= 1).float().mean())
+    lo, hi = hu_window
+    if below == 1.0:
+        return f"nothing in this scan is brighter than {lo:g} HU: is it CT in Hounsfield units, and is there a body in it?"
+    if below < 0.01 or above > 0.5:
+        return (f"this scan does not look like CT in Hounsfield units ({below:.0%} of voxels below {lo:g} HU, "
+                f"{above:.0%} above {hi:g} HU; a CT has air around the body): check it is a CT image, not a label map or another modality")
+    return None
 
 
 def _like(img: nib.Nifti1Image, data: np.ndarray) -> nib.Nifti1Image:

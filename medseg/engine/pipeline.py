@@ -114,10 +114,11 @@ def preprocess(img: nib.Nifti1Image, bundle: Bundle, source: str) -> tuple[torch
     from monai.data import MetaTensor
     from monai.transforms import Compose
 
-    from medseg.data.io import check_3d, load_array
+    from medseg.data.io import check_3d, check_grid, load_array
     from medseg.data.transforms import geometry_steps
 
     check_3d(img, source)
+    check_grid(img, source, bundle.data.spacing)
     data = load_array(img, source)
     if data.ndim == 4:
         data = data[..., 0]

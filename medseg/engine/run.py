@@ -137,9 +137,14 @@ class Run:
     def labels(self) -> dict[int, str]:
         raw = _read_json(self.path / "labels.json", "label names")
         try:
-            return {int(k): str(v) for k, v in raw.items()}
+            labels = {int(k): str(v) for k, v in raw.items()}
         except (AttributeError, ValueError):
             raise MedsegError(f"{self.path / 'labels.json'}: corrupt label names") from None
+        expected = {int(k): v for k, v in labels_json(self.bundle.data.labels).items()}
+        if labels != expected:  # the network has one output per bundle class: names must say which
+            raise MedsegError(f"{self.path / 'labels.json'} does not match the run's bundle.json (classes "
+                              f"{', '.join(self.bundle.data.labels)}): the run directory was edited")
+        return labels
 
     def weights_path(self, which: str = "best") -> Path:
         if which not in ("best", "last"):
@@ -283,6 +288,8 @@ class Run:
         self._must_hold()
         from medseg.data.io import write_text_atomic
 
+        if not history:  # nothing finished yet: no file rather than an empty one
+            return
         fields: list[str] = []
         for row in history:
             fields += [k for k in row if k not in fields]

@@ -55,13 +55,15 @@ def continue_schedule(segments: list[dict[str, Any]], step: int, kind: str, lr: 
     last = segments[-1]
     if last["end"] == total_steps and last["kind"] == kind and last["base_lr"] == lr:
         return segments, None
+    quiet = kind == "none" and last["kind"] == "none" and last["base_lr"] == lr  # a constant rate, only the length changed
     if last["base_lr"] != lr:
         start, how = float(lr), f"lr set to {lr:g}"
     else:
         start = lr_at(segments, min(step, max(last["start"], last["end"] - 1)))
         how = f"continuing from the current lr {start:.3g} (give a new train.lr to restart higher)"
     seg = {"start": int(step), "end": int(total_steps), "lr0": start, "base_lr": float(lr), "kind": kind}
-    return [*segments, seg], f"learning rate: {how}, {kind} to step {total_steps}"
+    shape = "constant" if kind == "none" else f"{kind} decay to 0 at step {total_steps}"
+    return [*segments, seg], None if quiet else f"learning rate: {how}, then {shape}"
 
 
 # -- random number generators -------------------------------------------------------------------

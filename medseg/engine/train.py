@@ -51,6 +51,9 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        # Set once training steps run: before that (checking data, caching volumes) there is nothing
+        # to checkpoint, and a stop should interrupt at once rather than wait for the first step.
+        self.armed = False
 
     def request(self, signum: int) -> None:
         self.signal = signum
@@ -156,6 +159,9 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
             notes.append(f"{run.path.name} was stopped after its last checkpoint: finishing it (metrics, status)")
         if ckpt is None:
             notes.append(f"{run.path.name} has no checkpoint (it stopped before its first one): training it from the start")
+        elif ckpt["epoch"] < t.epochs:
+            where = f"epoch {ckpt['epoch'] + 1}, after iteration {ckpt['iteration']}" if ckpt["iteration"] else f"epoch {ckpt['epoch'] + 1}"
+            notes.append(f"resuming {run.path.name} at {where} (step {ckpt['step']}), up to epoch {t.epochs}")
     elif run_dir is not None and (Path(run_dir) / "run.json").exists():
         raise MedsegError(f"{run_dir} already holds a run; choose another --run-dir, or continue it with --resume")
     set_determinism(seed=t.seed)
@@ -169,6 +175,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
             console.print(f"[dim]{'phantom: ' if stage == 'phantom' else 'checked '}{n} cases{' ready' if stage == 'phantom' else ''}[/dim]")
 
     _, lut, train_cases, val_cases, data_notes = prepare(bundle.data, bundle.data.labels, data_progress)
+    test_hook("data_ready")
     splits = {"train": [c.as_dict() for c in train_cases], "val": [c.as_dict() for c in val_cases]}
     if run is not None:
         _check_same_split(run, splits)
@@ -323,6 +330,7 @@ class _Session:
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, rng: dict | None) -> TrainResult:
         """The epochs left; ``rng``: the checkpoint's RNG states (None for a fresh start)."""
+        self.stop.armed = True
         if self.history:
             self.run.write_metrics(self.history)  # rows a killed process checkpointed but never wrote
         self.fill_tracking_gaps()

@@ -111,6 +111,6 @@ def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, gra
     check_roi(name, roi)
     try:
         return spec.builder(in_channels=in_channels, out_channels=out_channels, roi=tuple(roi), grad_checkpointing=grad_checkpointing, **args)
-    except (ValueError, AssertionError, TypeError, KeyError) as e:  # MONAI validates its own arguments this way
+    except (ValueError, AssertionError, TypeError, KeyError, RuntimeError, OverflowError) as e:  # MONAI validates its own arguments this way
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BundleError(f"model.args for {spec.name}: {detail}") from None
