@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from medseg import __version__
-from medseg.cli_common import DeviceOpt, SetOpt, TrackingOpt, app, err, out, print_table, user_errors
+from medseg.cli_common import DeviceOpt, SetOpt, TrackingOpt, app, err, out, path_arg, print_table, user_errors
 from medseg.errors import MedsegError
 
 
@@ -252,6 +252,55 @@ def evaluate(
     print_table(table)
     csv_path, json_path = write_report(report, prefix)
     out.print(f"wrote {csv_path} and {json_path}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+@user_errors
+def plan(
+    data: Annotated[str | None, typer.Argument(help="A data folder, a dataset.json or 'phantom' (default: the bundle's data.source).")] = None,
+    bundle: Annotated[Path | None, typer.Option("--bundle", "-b", help="Plan this bundle's \"auto\" fields (default: every planned "
+                                                "field on auto, \"ct\" normalisation, Swin UNETR).")] = None,
+    set_: SetOpt = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="Memory a training step may use, e.g. 24GB (default: plan.budget).")] = None,
+    device: DeviceOpt = "auto",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the plan and the planned bundle as JSON.")] = None,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace an existing --output file.")] = False,
+) -> None:
+    """Fingerprint a dataset and plan spacing, normalisation, ROI and batch size (what `medseg train`
+    does for a bundle's fields left on "auto"), without training."""
+    import json
+
+    from medseg.config import bundle_from_dict, load_bundle
+    from medseg.data.datasets import prepare
+    from medseg.engine.device import resolve_device
+    from medseg.engine.train import print_plan
+    from medseg.plan import apply_plan, fingerprint, make_plan
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data.source={path_arg(data, 'DATA') if data != 'phantom' else 'phantom'}")
+    if budget is not None:
+        overrides.append(f"plan.budget={budget}")
+    if bundle is not None:
+        cfg = load_bundle(bundle, overrides)
+    else:
+        base = {"data": {"spacing": "auto", "normalization": "ct"}, "train": {"roi": "auto", "batch_size": "auto"}}
+        cfg = bundle_from_dict(base, overrides)
+    if output is not None and output.exists() and not force:
+        raise MedsegError(f"{output} exists; use --force to replace it")
+    dev = resolve_device(device)
+    found, lut, train_cases, _, notes = prepare(cfg.data, cfg.data.labels)
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+    fp = fingerprint(train_cases, lut, cfg.data.labels, root=found.root)
+    result = make_plan(fp, cfg, str(dev))
+    print_plan(out, result, fp)
+    if output is not None:
+        from medseg.data.io import write_text_atomic
+
+        planned = apply_plan(cfg, result)
+        write_text_atomic(output, json.dumps({"plan": result.as_dict(), "bundle": planned.to_dict()}, indent=2) + "\n")
+        out.print(f"wrote {output}")
 
 
 @app.command()

@@ -44,6 +44,20 @@ def _install_one_line_usage_errors() -> None:
 _install_one_line_usage_errors()
 
 
+def _quiet_optional_codecs() -> None:
+    """MONAI announces, on every import, that NVIDIA's optional GPU JPEG codec for DICOM is absent
+    (a log line and a warning). medseg reads DICOM with pydicom/SimpleITK; the lines only bury the
+    command's own output, so the CLI silences that one message."""
+    import logging
+    import warnings
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+
+
+_quiet_optional_codecs()
+
+
 def print_table(table) -> None:
     """A rich table on stdout; in a pipe or a file (80 columns by default) it is printed as wide as it
     needs, so class names are not cut to ``kidney_ri…`` in a log."""

@@ -93,6 +93,9 @@ def _resolve_model(model: str | None, bundle: Path | None, run: Path | None, roi
 
         cfg = load_bundle(bundle)
     shape = parse_ints(roi, "--roi", 3) if roi else None
+    if cfg is not None and cfg.train.roi == "auto" and shape is None:
+        raise MedsegError('this bundle\'s train.roi is "auto" (planned from the data when it trains): give --roi, '
+                          'or see the planned ROI with `medseg plan DATA --bundle ...`')
     if cfg is not None:
         name, args = cfg.model.name, {**cfg.model.args, **_model_args(arg)}
         train_roi, infer_roi = shape or tuple(cfg.train.roi), shape or tuple(cfg.infer_roi)
@@ -207,7 +210,7 @@ def _model_flops(target: Target, volume, overlap, tta, batch, as_json) -> None:
     name, shape, classes, args, cfg = target.name, target.roi, target.classes, target.args, target.cfg
     overlap = _overlap(overlap, cfg)
     if batch is None:
-        batch = cfg.train.batch_size * cfg.train.samples_per_volume if cfg is not None else 4
+        batch = (cfg.train.batch_size if cfg.train.batch_size != "auto" else 1) * cfg.train.samples_per_volume if cfg is not None else 4
     vol = parse_ints(volume, "--volume", 3) if volume else None
     cost = model_cost(name, shape, classes, args)
     report = cost.as_dict()
@@ -285,7 +288,8 @@ def memory(
     vol = parse_ints(volume, "--volume", 3) if volume else None
     train_cfg = cfg.train if cfg is not None else None
     if batch is None:
-        batch = train_cfg.batch_size * train_cfg.samples_per_volume if train_cfg else 2
+        volumes = train_cfg.batch_size if train_cfg and train_cfg.batch_size != "auto" else 1
+        batch = volumes * train_cfg.samples_per_volume if train_cfg else 2
     amp = amp if amp is not None else bool(train_cfg and train_cfg.amp)
     checkpointing = checkpointing if checkpointing is not None else bool(train_cfg and train_cfg.grad_checkpointing)
     sw_batch_size = sw_batch_size or (cfg.sliding_window.sw_batch_size if cfg is not None else 4)

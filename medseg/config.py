@@ -41,6 +41,18 @@ class PhantomConfig:
 
 
 @dataclass
+class CTStats:
+    """The foreground intensity statistics ``"ct"`` normalisation uses (nnU-Net's CT scheme): clip
+    to [low, high] (the foreground's 0.5 and 99.5 percentiles), then subtract ``mean`` and divide
+    by ``std`` (the clipped foreground's)."""
+
+    low: float = -1000.0
+    high: float = 1000.0
+    mean: float = 0.0
+    std: float = 1.0
+
+
+@dataclass
 class DataConfig:
     # "phantom", a folder (imagesTr/+labelsTr/, image.nii.gz+label.nii.gz, or case subfolders)
     # or a Decathlon dataset.json.
@@ -52,8 +64,13 @@ class DataConfig:
     # else values 1..N are taken to be `labels` in order.
     source_labels: str | dict[str, str] | None = None
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
-    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])
+    # Voxel size the volumes are resampled to (mm); "auto": planned from the data (see medseg/plan.py).
+    spacing: list[float] | Literal["auto"] = field(default_factory=lambda: [1.5, 1.5, 2.0])
+    # "window": clip to `hu_window`, scale to [0, 1] (the BTCV recipe). "ct": clip to the
+    # foreground's 0.5-99.5 percentiles, z-score with its mean/std (`ct_stats`; "auto": planned).
+    normalization: Literal["window", "ct"] = "window"
     hu_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
+    ct_stats: CTStats | Literal["auto"] = "auto"
     val_fraction: float = 0.2
     split_seed: int = 0
     cache: bool = True
@@ -62,20 +79,35 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    roi: list[int] = field(default_factory=lambda: [64, 64, 64])
-    batch_size: int = 1
+    # Patch size (voxels) and volumes per batch; "auto": fitted to plan.budget by medseg's memory estimator.
+    roi: list[int] | Literal["auto"] = field(default_factory=lambda: [64, 64, 64])
+    batch_size: int | Literal["auto"] = 1
     samples_per_volume: int = 4
     # "pos_neg": RandCropByPosNegLabeld with `pos_neg` ratio; "class_balanced": RandCropByLabelClassesd.
     sampling: Literal["pos_neg", "class_balanced"] = "pos_neg"
     pos_neg: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    augment: bool = True
+    # Augmentation preset (see medseg/data/augment.py): "strong" (nnU-Net-like spatial + intensity),
+    # "light" (the BTCV recipe: flips, rot90, intensity shift) or "none". `augment_p` overrides the
+    # probability of single transforms by name, e.g. {"elastic": 0.2, "rotate_scale": 0.3}.
+    augment: Literal["strong", "light", "none"] = "light"
+    augment_p: dict[str, float] = field(default_factory=dict)
     loss: Literal["dice_ce", "dice", "ce", "dice_focal"] = "dice_ce"
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-5
+    # SGD uses Nesterov momentum (nnU-Net: 0.99, lr 1e-2).
+    momentum: float = 0.99
     scheduler: Literal["none", "cosine", "poly"] = "none"
+    # Linear warm-up from 0 over this many optimiser steps, then the scheduler's decay.
+    warmup: int = 0
+    # Clip the gradients' global L2 norm to this (nnU-Net: 12); null: no clipping.
+    grad_clip: float | None = None
     epochs: int = 10
-    # None: one pass over the training volumes (x samples_per_volume patches) per epoch.
+    # Total optimiser steps; when set it replaces `epochs` (epochs = ceil(iterations /
+    # iterations_per_epoch), the last one shorter), since one epoch over a single case means little.
+    iterations: int | None = None
+    # None: one pass over the training volumes (x samples_per_volume patches) per epoch, or 50 when
+    # `iterations` is set.
     iterations_per_epoch: int | None = None
     amp: bool = True
     grad_checkpointing: bool = False
@@ -85,6 +117,24 @@ class TrainConfig:
     checkpoint_every: str = "10min"
     seed: int = 0
 
+    def iterations_per_epoch_for(self, loader_len: int) -> int:
+        """Optimiser steps in a full epoch."""
+        if self.iterations_per_epoch is not None:
+            return self.iterations_per_epoch
+        return min(50, self.iterations) if self.iterations is not None else loader_len
+
+    def total_epochs(self, loader_len: int = 1) -> int:
+        if self.iterations is None:
+            return self.epochs
+        return -(-self.iterations // self.iterations_per_epoch_for(loader_len))
+
+    def iterations_in(self, epoch: int, loader_len: int) -> int:
+        """Steps of epoch ``epoch`` (1-based): a full epoch, or what is left of ``iterations``."""
+        ipe = self.iterations_per_epoch_for(loader_len)
+        if self.iterations is None:
+            return ipe
+        return max(0, min(ipe, self.iterations - (epoch - 1) * ipe))
+
 
 @dataclass
 class SlidingWindowConfig:
@@ -92,6 +142,15 @@ class SlidingWindowConfig:
     sw_batch_size: int = 4
     overlap: float = 0.25
     mode: Literal["gaussian", "constant"] = "gaussian"
+
+
+@dataclass
+class PlanConfig:
+    # Memory a training step may use when train.roi / train.batch_size are "auto": "auto" (90 % of the
+    # GPU's memory; 8 GB on the CPU) or a size such as "24GB".
+    budget: str = "auto"
+    # Largest patch the planner proposes (voxels), which bounds CPU step time whatever the budget.
+    max_roi_voxels: int = 160**3
 
 
 @dataclass
@@ -109,11 +168,20 @@ class Bundle:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def infer_roi(self) -> list[int]:
         return list(self.sliding_window.roi or self.train.roi)
+
+    def planned_fields(self) -> list[str]:
+        """The fields still on "auto", which :func:`medseg.plan.apply_plan` fills from the data."""
+        d, t = self.data, self.train
+        auto = [("data.spacing", d.spacing), ("train.roi", t.roi), ("train.batch_size", t.batch_size)]
+        if d.normalization == "ct":
+            auto.append(("data.ct_stats", d.ct_stats))
+        return [k for k, v in auto if v == "auto"]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,6 +223,9 @@ def bundle_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
     raw = json.loads(json.dumps(raw))  # deep copy, and proof that it is plain JSON
     for item in overrides or []:
         apply_override(raw, item)
+    train = raw.get("train")
+    if isinstance(train, dict) and isinstance(train.get("augment"), bool):  # run format 1 wrote true/false
+        train["augment"] = "light" if train["augment"] else "none"
     bundle = _build(Bundle, raw, "")
     _check_values(bundle)
     return bundle
@@ -270,18 +341,32 @@ def _check_values(b: Bundle) -> None:
     need(len(d.labels) > 0, "data.labels must name at least one class")
     need(len(set(d.labels)) == len(d.labels), "data.labels has a repeated name")
     need("background" not in d.labels, "data.labels must not list 'background': it is class 0 and implied")
-    need(len(d.spacing) == 3 and all(0.05 <= s <= 50 for s in d.spacing), "data.spacing must be 3 numbers between 0.05 and 50 (mm)")
+    need(d.spacing == "auto" or (len(d.spacing) == 3 and all(0.05 <= s <= 50 for s in d.spacing)),
+         "data.spacing must be \"auto\" or 3 numbers between 0.05 and 50 (mm)")
     need(len(d.hu_window) == 2 and d.hu_window[0] < d.hu_window[1], "data.hu_window must be [low, high] with low < high")
+    if isinstance(d.ct_stats, CTStats):
+        need(d.ct_stats.low < d.ct_stats.high, "data.ct_stats: low must be below high")
+        need(d.ct_stats.std > 0, "data.ct_stats.std must be > 0")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
     need(d.phantom.cases >= 1, "data.phantom.cases must be at least 1")
     need(d.num_workers >= 0, "data.num_workers must be >= 0")
-    need(len(t.roi) == 3 and all(r >= 1 for r in t.roi), "train.roi must be 3 positive integers")
-    need(t.batch_size >= 1, "train.batch_size must be >= 1")
+    need(t.roi == "auto" or (len(t.roi) == 3 and all(r >= 1 for r in t.roi)), "train.roi must be \"auto\" or 3 positive integers")
+    need(t.batch_size == "auto" or t.batch_size >= 1, "train.batch_size must be \"auto\" or >= 1")
     need(t.samples_per_volume >= 1, "train.samples_per_volume must be >= 1")
     need(len(t.pos_neg) == 2 and min(t.pos_neg) >= 0 and sum(t.pos_neg) > 0, "train.pos_neg must be [pos, neg] >= 0, not both 0")
+    from medseg.data.augment import check_probabilities
+
+    try:
+        check_probabilities(t.augment_p)
+    except ValueError as e:
+        raise BundleError(f"train.augment_p: {e}") from None
     need(t.lr > 0, "train.lr must be > 0")
     need(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    need(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
+    need(t.warmup >= 0, "train.warmup must be >= 0 (optimiser steps)")
+    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip must be > 0 or null")
     need(t.epochs >= 1, "train.epochs must be >= 1")
+    need(t.iterations is None or t.iterations >= 1, "train.iterations must be >= 1 or null")
     need(t.iterations_per_epoch is None or t.iterations_per_epoch >= 1, "train.iterations_per_epoch must be >= 1 or null")
     need(t.val_interval >= 1, "train.val_interval must be >= 1")
     try:
@@ -289,11 +374,19 @@ def _check_values(b: Bundle) -> None:
     except ValueError as e:
         raise BundleError(f"train.checkpoint_every: {e}") from None
     for key, roi in (("train.roi", t.roi), ("sliding_window.roi", sw.roi)):
-        if roi is not None and len(roi) == 3 and math.prod(roi) > MAX_ROI_VOXELS:
+        if isinstance(roi, list) and len(roi) == 3 and math.prod(roi) > MAX_ROI_VOXELS:
             raise BundleError(f"{key} {roi} has {math.prod(roi):,} voxels per patch; at most {MAX_ROI_VOXELS:,} (512^3)")
     need(sw.roi is None or (len(sw.roi) == 3 and all(r >= 1 for r in sw.roi)), "sliding_window.roi must be 3 positive integers or null")
     need(sw.sw_batch_size >= 1, "sliding_window.sw_batch_size must be >= 1")
     need(0.0 <= sw.overlap < 1.0, "sliding_window.overlap must be in [0, 1)")
+    if b.plan.budget != "auto":
+        from medseg.cost.memory import parse_bytes
+
+        try:
+            parse_bytes(b.plan.budget)
+        except ValueError as e:
+            raise BundleError(f"plan.budget: {e}") from None
+    need(8**3 <= b.plan.max_roi_voxels <= MAX_ROI_VOXELS, f"plan.max_roi_voxels must be between 512 and {MAX_ROI_VOXELS:,}")
 
 
 def parse_checkpoint_every(text: str) -> tuple[str, float]:

@@ -148,8 +148,8 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
                                       "--set", 'data.source_labels={"1": "blob", "2": "other"}'), "'other' occurs in none of the 1 case(s)"),
         "data-spacing-metres": Bad(blob(data("d-metres", affine=np.diag([3000.0, 3000.0, 3000.0, 1.0]),
                                              label_affine=np.diag([3000.0, 3000.0, 3000.0, 1.0]))), "is not that of a CT"),
-        "bundle-spacing-huge": Bad(train("--set", "data.spacing=[1e6,1e6,1e6]"), "data.spacing must be 3 numbers between"),
-        "bundle-spacing-tiny": Bad(train("--set", "data.spacing=[0.01,0.01,0.01]"), "data.spacing must be 3 numbers between"),
+        "bundle-spacing-huge": Bad(train("--set", "data.spacing=[1e6,1e6,1e6]"), "data.spacing must be \"auto\" or 3 numbers between"),
+        "bundle-spacing-tiny": Bad(train("--set", "data.spacing=[0.01,0.01,0.01]"), "data.spacing must be \"auto\" or 3 numbers between"),
         "bundle-lr-infinite": Bad(train("--set", "train.lr=Infinity"), "train.lr must be a finite number"),
         "model-args-negative": Bad(train("--set", "model.args.feature_size=-1"), "negative dimension"),
     })

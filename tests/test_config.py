@@ -49,7 +49,7 @@ def test_overrides_parse_json_else_string():
         ("train.amp=1", "train.amp must be true or false"),
         ("train.loss=dicece", "train.loss must be one of"),
         ("train.epochs=0", "train.epochs must be >= 1"),
-        ("data.spacing=[1,1]", "data.spacing must be 3 numbers between 0.05 and 50"),
+        ("data.spacing=[1,1]", "data.spacing must be \"auto\" or 3 numbers between 0.05 and 50"),
         ("data.hu_window=[250,-175]", "data.hu_window must be [low, high]"),
         ("data.labels=[]", "data.labels must name at least one class"),
         ("data.labels=[\"background\",\"liver\"]", "must not list 'background'"),

@@ -15,7 +15,7 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 SMALL_VIT = '{"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}'
 # A coarse phantom (4 mm voxels) so a 3D model learns in well under a minute on 2 CPU cores.
 COARSE = ["data.phantom.cases=6", "data.val_fraction=0.34", "data.spacing=[4,4,4]", 'data.labels=["liver","spleen"]',
-          "sliding_window.sw_batch_size=2", "tracking.backend=none"]
+          "sliding_window.sw_batch_size=2", "tracking.backend=none", "train.iterations=null"]
 
 
 def untrained_dice(bundle, run_dir: Path) -> float:
@@ -61,7 +61,7 @@ def test_fcn2d_learns_the_phantom_slice_by_slice(workdir):
 
 SMOKE = ["data.phantom.cases=3", "data.val_fraction=0.34", "data.spacing=[5,5,5]", 'data.labels=["liver","spleen"]',
          f"model.args={SMALL_VIT}", "train.roi=[32,32,32]", "train.samples_per_volume=1", "train.iterations_per_epoch=2",
-         "sliding_window.sw_batch_size=2"]
+         "sliding_window.sw_batch_size=2", "train.iterations=null"]
 
 
 def test_run_directory_describes_itself_and_resumes(workdir):
@@ -127,8 +127,8 @@ def test_mlflow_run_is_logged_and_named(workdir, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["vnet", "unetr", "swin_unetr", "fcn2d"])
 def test_every_shipped_bundle_trains_through_the_cli(name, workdir, cli):
-    shrink = ["data.phantom.cases=2", "data.spacing=[5,5,5]", "train.samples_per_volume=1", "train.epochs=1",
-              "train.iterations_per_epoch=1", "sliding_window.sw_batch_size=1"]
+    shrink = ["data.phantom.cases=2", "data.spacing=[5,5,5]", "train.samples_per_volume=1", "train.iterations=1",
+              "sliding_window.sw_batch_size=1"]
     if name in ("vnet", "unetr"):
         shrink.append("train.roi=[32,32,32]")
     if name == "fcn2d":

@@ -186,7 +186,8 @@ def prepare(cfg: DataConfig, labels: list[str], progress=None) -> tuple[Datalist
     found = resolve_source(cfg, tell("phantom"))
     lut = build_lut(labels, found.source_labels)
     present: set[int] = set()
-    notes = validate_cases(found.cases, lut, tell("check"), known=known_values(labels, found.source_labels), spacing=cfg.spacing,
+    notes = validate_cases(found.cases, lut, tell("check"), known=known_values(labels, found.source_labels),
+                           spacing=None if cfg.spacing == "auto" else cfg.spacing,
                            present=present)
     missing = [name for i, name in enumerate(labels, start=1) if i not in present]
     if missing:

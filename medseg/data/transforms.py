@@ -1,8 +1,8 @@
 """MONAI dictionary transform chains built from a bundle.
 
-train: load -> channel first -> map label values -> RAS -> resample to ``data.spacing`` -> HU window
-to [0, 1] -> crop to the body -> pad to the ROI -> patch sampling (pos/neg or class balanced) ->
-light augmentation (flips, 90-degree rotations, intensity shift: the BTCV recipe).
+train: load -> channel first -> map label values -> RAS -> resample to ``data.spacing`` -> intensity
+normalisation (HU window to [0, 1], or CT z-score) -> crop to the body -> pad -> patch sampling
+(pos/neg or class balanced) -> the ``train.augment`` preset on each patch (``data/augment.py``).
 val: the same up to the crop; no sampling (validation uses the sliding window).
 inference: :func:`geometry_steps` on the scan held in memory (see ``engine/infer.py``).
 """
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    CenterSpatialCropd,
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
@@ -22,15 +23,13 @@ from monai.transforms import (
     Orientationd,
     RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
-    RandFlipd,
-    RandRotate90d,
-    RandShiftIntensityd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
 
-from medseg.config import Bundle
+from medseg.config import Bundle, CTStats
+from medseg.data.augment import crop_size, probabilities, spatial_and_intensity
 
 KEYS = ("image", "label")
 
@@ -53,15 +52,47 @@ class MapLabelsd(MapTransform):
         return d
 
 
+BODY_HU = -500.0  # air below, tissue above: the body box for "ct" normalisation
+
+
+def intensity_map(bundle: Bundle) -> tuple[float, float, float, float]:
+    """(HU low, HU high, value low, value high): the linear map, clipped at both ends, from
+    Hounsfield units to the network's input. "window": the HU window onto [0, 1]. "ct": clipping to
+    the foreground percentiles then z-scoring is the same map onto [(low-mean)/std, (high-mean)/std]."""
+    d = bundle.data
+    if d.normalization == "window":
+        lo, hi = d.hu_window
+        return float(lo), float(hi), 0.0, 1.0
+    s = d.ct_stats
+    if not isinstance(s, CTStats):
+        raise ValueError("data.ct_stats is still \"auto\": plan the bundle first (medseg.plan.apply_plan)")
+    return s.low, s.high, (s.low - s.mean) / s.std, (s.high - s.mean) / s.std
+
+
+def body_threshold(bundle: Bundle) -> float:
+    """Input values above this are body: the crop of training, validation and inference. "window":
+    above its low end (as before); "ct": above -500 HU, or the clip's low end if that is higher."""
+    lo, hi, a, b = intensity_map(bundle)
+    if bundle.data.normalization == "window":
+        return a
+    hu = max(BODY_HU, lo)
+    return a + (b - a) * (hu - lo) / (hi - lo)
+
+
 def geometry_steps(bundle: Bundle, keys=KEYS) -> list:
-    """RAS, the bundle's spacing, the HU window: the one definition used by training, validation
+    """RAS, the bundle's spacing, the intensity map: the one definition used by training, validation
     and inference (which applies it to an in-memory image), so they cannot drift apart."""
-    lo, hi = bundle.data.hu_window
+    lo, hi, a, b = intensity_map(bundle)
     return [
         Orientationd(keys=list(keys), axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=list(keys), pixdim=bundle.data.spacing, mode=["bilinear", "nearest"][: len(keys)]),
-        ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+        ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=a, b_max=b, clip=True),
     ]
+
+
+def crop_body(bundle: Bundle, keys=KEYS):
+    threshold = body_threshold(bundle)
+    return CropForegroundd(keys=list(keys), source_key="image", select_fn=lambda x: x > threshold, allow_smaller=True)
 
 
 def preprocess(bundle: Bundle, lut: np.ndarray) -> list:
@@ -78,36 +109,30 @@ def preprocess(bundle: Bundle, lut: np.ndarray) -> list:
 def train_transforms(bundle: Bundle, lut: np.ndarray) -> Compose:
     t = bundle.train
     keys = list(KEYS)
+    p = probabilities(t.augment, t.augment_p)
+    crop = crop_size(t.roi, p)
     steps = preprocess(bundle, lut) + [
-        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
-        SpatialPadd(keys=keys, spatial_size=t.roi),
+        crop_body(bundle),
+        SpatialPadd(keys=keys, spatial_size=crop),
         EnsureTyped(keys=keys, track_meta=False),
     ]
     if t.sampling == "pos_neg":
         steps.append(
             RandCropByPosNegLabeld(
-                keys=keys, label_key="label", spatial_size=t.roi, pos=t.pos_neg[0], neg=t.pos_neg[1],
-                num_samples=t.samples_per_volume, image_key="image", image_threshold=0,
+                keys=keys, label_key="label", spatial_size=crop, pos=t.pos_neg[0], neg=t.pos_neg[1],
+                num_samples=t.samples_per_volume, image_key="image", image_threshold=body_threshold(bundle),
             )
         )
     else:
         steps.append(
             RandCropByLabelClassesd(
-                keys=keys, label_key="label", spatial_size=t.roi, num_classes=len(bundle.data.labels) + 1,
-                num_samples=t.samples_per_volume, image_key="image", image_threshold=0, warn=False,
+                keys=keys, label_key="label", spatial_size=crop, num_classes=len(bundle.data.labels) + 1,
+                num_samples=t.samples_per_volume, image_key="image", image_threshold=body_threshold(bundle), warn=False,
             )
         )
-    if t.augment:
-        steps += [
-            RandFlipd(keys=keys, spatial_axis=[0], prob=0.1),
-            RandFlipd(keys=keys, spatial_axis=[1], prob=0.1),
-            RandFlipd(keys=keys, spatial_axis=[2], prob=0.1),
-        ]
-        if t.roi[0] == t.roi[1]:  # a 90-degree turn keeps the patch shape only for a square in-plane ROI
-            steps.append(RandRotate90d(keys=keys, prob=0.1, max_k=3))
-        steps += [
-            RandShiftIntensityd(keys="image", offsets=0.10, prob=0.5),
-        ]
+    steps += spatial_and_intensity(t.roi, p, bundle.data.labels, bundle.data.normalization)
+    if crop != list(t.roi):  # every patch leaves at the ROI, whether or not it was rotated
+        steps.append(CenterSpatialCropd(keys=keys, roi_size=t.roi))
     return Compose(steps)
 
 
@@ -116,7 +141,7 @@ def val_transforms(bundle: Bundle, lut: np.ndarray) -> Compose:
     return Compose(
         preprocess(bundle, lut)
         + [
-            CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+            crop_body(bundle),
             EnsureTyped(keys=keys, track_meta=False),
         ]
     )

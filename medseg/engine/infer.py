@@ -31,6 +31,7 @@ import torch
 
 from medseg import __version__
 from medseg.data.io import case_name, is_nifti, read_image, spacing_of, temporary_beside
+from medseg.data.transforms import body_threshold, intensity_map
 from medseg.engine.pipeline import (
     Grids,
     WindowSpec,
@@ -108,8 +109,8 @@ class Predictor:
         source = source or "input image"
         keep = self.class_subset(classes)
         x, model_affine = preprocess(image, self.bundle, source)
-        ct_note = _ct_note(x, self.bundle.data.hu_window)
-        crop = body_box(x)
+        ct_note = _ct_note(x, intensity_map(self.bundle))
+        crop = body_box(x, body_threshold(self.bundle))
         xc = x[(slice(None), slice(None), *crop)]
         n = len(self.names)
         resample, note = choose_resample(self.resample, n, xc.shape[2:], probabilities)
@@ -142,13 +143,14 @@ class Predictor:
         return [by_name[n] for n in classes]
 
 
-def _ct_note(x: torch.Tensor, hu_window) -> str | None:
-    """A warning when the windowed scan does not look like CT in Hounsfield units: a CT holds air or
-    fat (below the window) around and inside the body and is not mostly bone-bright. A label map, a
-    mask, an MR or a scan stored in other units fails this, and its segmentation means nothing."""
-    below = float((x <= 0).float().mean())
-    above = float((x >= 1).float().mean())
-    lo, hi = hu_window
+def _ct_note(x: torch.Tensor, imap: tuple[float, float, float, float]) -> str | None:
+    """A warning when the normalised scan does not look like CT in Hounsfield units: a CT holds air or
+    fat (below the clip) around and inside the body and is not mostly bone-bright. A label map, a
+    mask, an MR or a scan stored in other units fails this, and its segmentation means nothing.
+    ``imap``: :func:`~medseg.data.transforms.intensity_map` (HU low, HU high, value low, value high)."""
+    lo, hi, a, b = imap
+    below = float((x <= a).float().mean())
+    above = float((x >= b).float().mean())
     if below == 1.0:
         return f"nothing in this scan is brighter than {lo:g} HU: is it CT in Hounsfield units, and is there a body in it?"
     if below < 0.01 or above > 0.5:

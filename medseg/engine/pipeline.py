@@ -2,7 +2,8 @@
 
     preprocess  an in-memory scan -> the model grid: the bundle's own :func:`geometry_steps`
                 (RAS, spacing, HU window), exactly what training and validation apply
-    body_box    the crop to the body, with MONAI's CropForeground rule (windowed intensity > 0)
+    body_box    the crop to the body, with the rule of training's CropForegroundd (input above
+                ``transforms.body_threshold``)
     sliding_window  the network over the model grid: MONAI's inferer or medseg's streaming one
                 (``auto|monai|stream``), labels and, if asked, float16 class probabilities
     to_input_grid   back onto the scan's own grid, in slabs of bounded memory:
@@ -127,12 +128,13 @@ def preprocess(img: nib.Nifti1Image, bundle: Bundle, source: str) -> tuple[torch
     return x.as_tensor()[None].float(), np.asarray(x.affine, dtype=np.float64)
 
 
-def body_box(x: torch.Tensor) -> tuple[slice, slice, slice]:
-    """The box around the body (windowed intensity > 0) of a (1, 1, X, Y, Z) volume: the rule of the
-    ``CropForegroundd`` in ``val_transforms`` (MONAI's own function). The whole volume if empty."""
-    from monai.transforms.utils import generate_spatial_bounding_box, is_positive
+def body_box(x: torch.Tensor, threshold: float = 0.0) -> tuple[slice, slice, slice]:
+    """The box around the body (input > ``threshold``, see ``transforms.body_threshold``) of a
+    (1, 1, X, Y, Z) volume: the rule of the ``CropForegroundd`` in ``val_transforms`` (MONAI's own
+    function). The whole volume if empty."""
+    from monai.transforms.utils import generate_spatial_bounding_box
 
-    lo, hi = generate_spatial_bounding_box(x[0], is_positive, allow_smaller=True)
+    lo, hi = generate_spatial_bounding_box(x[0], lambda v: v > threshold, allow_smaller=True)
     if any(b <= a for a, b in zip(lo, hi)):
         return tuple(slice(0, s) for s in x.shape[2:])  # type: ignore[return-value]
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]

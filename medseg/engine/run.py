@@ -48,7 +48,7 @@ HEARTBEAT_SECONDS = 30.0
 # sampling, loss, optimizer, seed) would no longer describe the weights in the checkpoint.
 RESUMABLE_KEYS = (
     "description",
-    "train.epochs", "train.iterations_per_epoch", "train.scheduler", "train.lr", "train.val_interval",
+    "train.epochs", "train.iterations", "train.iterations_per_epoch", "train.scheduler", "train.lr", "train.val_interval",
     "train.checkpoint_every",
     "data.num_workers", "data.cache",
     "sliding_window.sw_batch_size", "sliding_window.overlap", "sliding_window.mode",
@@ -265,9 +265,13 @@ class Run:
             self._last_beat = time.time()
             self.save_info(heartbeat=now())
 
-    def write_description(self, bundle: Bundle, splits: dict[str, list], summary: str) -> None:
+    def write_description(self, bundle: Bundle, splits: dict[str, list], summary: str, plan: dict | None = None) -> None:
+        """bundle.json (every "auto" already planned), labels, splits, the model summary and, for a
+        planned bundle, plan.json (what the planner saw and chose)."""
         self._must_hold()
         write_json(self.path / "bundle.json", bundle.to_dict())
+        if plan is not None:
+            write_json(self.path / "plan.json", plan)
         write_json(self.path / "labels.json", labels_json(bundle.data.labels))
         write_json(self.path / "splits.json", splits)
         from medseg.data.io import write_text_atomic
@@ -386,7 +390,7 @@ class Run:
         return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
-OWN_FILES = {RUN_FILE, "bundle.json", "labels.json", "splits.json", CHECKPOINT, BEST, "metrics.csv", "model_summary.txt", ".lock"}
+OWN_FILES = {RUN_FILE, "bundle.json", "plan.json", "labels.json", "splits.json", CHECKPOINT, BEST, "metrics.csv", "model_summary.txt", ".lock"}
 
 
 def _own_temporary(name: str) -> bool:

@@ -37,14 +37,18 @@ def _factor(kind: str, t: int, length: int) -> float:
     raise ValueError(f"unknown schedule {kind!r}")  # the bundle schema rules this out
 
 
-def new_schedule(kind: str, lr: float, total_steps: int) -> list[dict[str, Any]]:
-    return [{"start": 0, "end": int(total_steps), "lr0": float(lr), "base_lr": float(lr), "kind": kind}]
+def new_schedule(kind: str, lr: float, total_steps: int, warmup: int = 0) -> list[dict[str, Any]]:
+    """Linear warm-up over ``warmup`` steps (from lr/warmup to lr), then ``kind``'s decay over the rest."""
+    return [{"start": 0, "end": int(total_steps), "lr0": float(lr), "base_lr": float(lr), "kind": kind, "warmup": int(warmup)}]
 
 
 def lr_at(segments: list[dict[str, Any]], step: int) -> float:
     """The learning rate of optimiser step ``step`` (0-based)."""
     seg = next((s for s in reversed(segments) if s["start"] <= step), segments[0])
-    return seg["lr0"] * _factor(seg["kind"], step - seg["start"], seg["end"] - seg["start"])
+    t, warmup = step - seg["start"], min(seg.get("warmup", 0), seg["end"] - seg["start"])
+    if t < warmup:
+        return seg["lr0"] * (t + 1) / warmup
+    return seg["lr0"] * _factor(seg["kind"], t - warmup, seg["end"] - seg["start"] - warmup)
 
 
 def continue_schedule(segments: list[dict[str, Any]], step: int, kind: str, lr: float, total_steps: int) -> tuple[list[dict[str, Any]], str | None]:
@@ -61,7 +65,7 @@ def continue_schedule(segments: list[dict[str, Any]], step: int, kind: str, lr: 
     else:
         start = lr_at(segments, min(step, max(last["start"], last["end"] - 1)))
         how = f"continuing from the current lr {start:.3g} (give a new train.lr to restart higher)"
-    seg = {"start": int(step), "end": int(total_steps), "lr0": start, "base_lr": float(lr), "kind": kind}
+    seg = {"start": int(step), "end": int(total_steps), "lr0": start, "base_lr": float(lr), "kind": kind, "warmup": 0}
     shape = "constant" if kind == "none" else f"{kind} decay to 0 at step {total_steps}"
     return [*segments, seg], None if quiet else f"learning rate: {how}, then {shape}"
 

@@ -153,28 +153,39 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
             notes.append("data.num_workers changed: the augmentation stream is seeded per worker, so this run stays valid but "
                          "is no longer bit-identical to an uninterrupted one")
         ckpt = run.checkpoint()
-        if ckpt is not None and ckpt["epoch"] >= t.epochs:
+        n_epochs = t.total_epochs()
+        if ckpt is not None and ckpt["epoch"] >= n_epochs:
             if run.status == "complete":
                 raise MedsegError(f"{run_dir} already trained {ckpt['epoch']} epochs; raise train.epochs to continue")
             notes.append(f"{run.path.name} was stopped after its last checkpoint: finishing it (metrics, status)")
         if ckpt is None:
             notes.append(f"{run.path.name} has no checkpoint (it stopped before its first one): training it from the start")
-        elif ckpt["epoch"] < t.epochs:
+        elif ckpt["epoch"] < n_epochs:
             where = f"epoch {ckpt['epoch'] + 1}, after iteration {ckpt['iteration']}" if ckpt["iteration"] else f"epoch {ckpt['epoch'] + 1}"
-            notes.append(f"resuming {run.path.name} at {where} (step {ckpt['step']}), up to epoch {t.epochs}")
+            notes.append(f"resuming {run.path.name} at {where} (step {ckpt['step']}), up to epoch {n_epochs}")
     elif run_dir is not None and (Path(run_dir) / "run.json").exists():
         raise MedsegError(f"{run_dir} already holds a run; choose another --run-dir, or continue it with --resume")
     set_determinism(seed=t.seed)
-    model = build_model(bundle)
-    check_window(bundle.model.name, t.roi, bundle.infer_roi)
+    planned = bundle.planned_fields()
+    if not planned:  # a bad model argument or ROI fails before the data are read
+        model = build_model(bundle)
+        check_window(bundle.model.name, t.roi, bundle.infer_roi)
     spec = get_spec(bundle.model.name)
     mode = progress if show_progress else "off"
 
     def data_progress(stage: str, i: int, n: int) -> None:
         if mode != "off" and i == n:
-            console.print(f"[dim]{'phantom: ' if stage == 'phantom' else 'checked '}{n} cases{' ready' if stage == 'phantom' else ''}[/dim]")
+            what = {"phantom": "phantom: {n} cases ready", "check": "checked {n} cases", "fingerprint": "fingerprinted {n} cases"}[stage]
+            console.print(f"[dim]{what.format(n=n)}[/dim]")
 
-    _, lut, train_cases, val_cases, data_notes = prepare(bundle.data, bundle.data.labels, data_progress)
+    found, lut, train_cases, val_cases, data_notes = prepare(bundle.data, bundle.data.labels, data_progress)
+    plan = None
+    if planned:
+        bundle, plan = _plan(bundle, found.root, lut, train_cases, dev, console if mode != "off" else None,
+                             lambda i, n: data_progress("fingerprint", i, n))
+        t = bundle.train
+        model = build_model(bundle)
+        check_window(bundle.model.name, t.roi, bundle.infer_roi)
     test_hook("data_ready")
     splits = {"train": [c.as_dict() for c in train_cases], "val": [c.as_dict() for c in val_cases]}
     if run is not None:
@@ -202,7 +213,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
             session = _Session(bundle, run, model, dev, amp, lut, train_cases, val_cases, console, mode, stop or StopFlag(), tracker)
             rng = session.restore(ckpt) if ckpt is not None else None
             if fresh:
-                run.write_description(bundle, splits, model_summary(model))
+                run.write_description(bundle, splits, model_summary(model), plan=plan.as_dict() if plan else None)
             session.open_tracking(fresh)
         except BaseException:
             tracker.end("FAILED")
@@ -218,6 +229,32 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
         return session.fit(rng)
     finally:
         run.release()
+
+
+def _plan(bundle: Bundle, root, lut, cases, dev, console: Console | None, progress) -> tuple[Bundle, Any]:
+    """Fill the bundle's "auto" fields from a fingerprint of the training cases (``medseg/plan.py``)."""
+    from medseg.plan import apply_plan, fingerprint, make_plan
+
+    fp = fingerprint(cases, lut, bundle.data.labels, root=root, progress=progress)
+    plan = make_plan(fp, bundle, str(dev))
+    if console is not None:
+        print_plan(console, plan, fp)
+    return apply_plan(bundle, plan), plan
+
+
+def print_plan(console: Console, plan, fp) -> None:
+    from rich.table import Table
+
+    from medseg.plan import plan_rows
+
+    table = Table(title=f"plan for {plan.model} ({', '.join(plan.filled) or 'nothing on auto'})", title_justify="left")
+    for col in ("", "value", "from"):
+        table.add_column(col)
+    for row in plan_rows(plan, fp):
+        table.add_row(*(escape(c) for c in row))
+    console.print(table)
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def _check_store_exists(uri: str) -> None:
@@ -271,7 +308,8 @@ class _Session:
         self.generator = torch.Generator()
         self.loader = DataLoader(self.train_ds, batch_size=t.batch_size, shuffle=True, num_workers=bundle.data.num_workers,
                                  generator=self.generator, pin_memory=dev.type == "cuda")
-        self.iters = t.iterations_per_epoch or len(self.loader)
+        self.iters = t.iterations_per_epoch_for(len(self.loader))
+        self.n_epochs = t.total_epochs(len(self.loader))
         self.mode = mode
         self.n_val = len(val_cases)
         # position and history
@@ -280,7 +318,7 @@ class _Session:
         self.epoch_seconds = 0.0
         self.best, self.best_epoch = float("-inf"), 0
         self.history: list[dict[str, Any]] = []
-        self.schedule = new_schedule(t.scheduler, t.lr, self.iters * t.epochs)
+        self.schedule = new_schedule(t.scheduler, t.lr, self.step_total(), t.warmup)
         self.notes: list[str] = []
 
     # -- checkpoint -------------------------------------------------------------------------------
@@ -312,8 +350,10 @@ class _Session:
 
     def step_total(self) -> int:
         """Optimiser steps when the run is done (iterations per epoch may have changed on resume)."""
+        if self.t.iterations is not None:
+            return self.t.iterations
         left_this_epoch = max(0, self.iters - self.iteration)
-        return self.step + left_this_epoch + self.iters * max(0, self.t.epochs - self.epoch_done - 1)
+        return self.step + left_this_epoch + self.iters * max(0, self.n_epochs - self.epoch_done - 1)
 
     # -- the data stream ----------------------------------------------------------------------------
     def batches(self, epoch: int, skip: int):
@@ -335,18 +375,17 @@ class _Session:
             self.run.write_metrics(self.history)  # rows a killed process checkpointed but never wrote
         self.fill_tracking_gaps()
         policy = CheckpointPolicy(self.t.checkpoint_every, self.step)
-        t = self.t
-        bar = TrainProgress(self.console, t.epochs, self.iters, self.n_val, mode=self.mode,
+        bar = TrainProgress(self.console, self.n_epochs, self.iters, self.n_val, mode=self.mode,
                             first_epoch=self.epoch_done + 1, first_iteration=min(self.iteration, self.iters))
         try:
             with bar:
-                for epoch in range(self.epoch_done + 1, t.epochs + 1):
+                for epoch in range(self.epoch_done + 1, self.n_epochs + 1):
                     self.train_iterations(epoch, rng, policy, bar)
                     rng = None
                     row = self.finish_epoch(epoch, bar)
                     self.epoch_done, self.iteration, self.epoch_losses, self.epoch_seconds = epoch, 0, [], 0.0
                     self.history.append(row)
-                    if policy.due(self.step, epoch_end=True) or epoch == t.epochs:
+                    if policy.due(self.step, epoch_end=True) or epoch == self.n_epochs:
                         self.checkpoint()
                         policy.written(self.step)
                     test_hook("epoch_end")
@@ -366,13 +405,14 @@ class _Session:
         self.tracker.log_artifact(self.run.path / "metrics.csv")
         if (self.run.path / "model_best.pt").is_file():
             self.tracker.log_artifact(self.run.path / "model_best.pt")
-        self.run.save_info(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), epochs=t.epochs, steps=self.step,
+        self.run.save_info(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), epochs=self.n_epochs, steps=self.step,
                            best_dice=self.best, best_epoch=self.best_epoch)
         self.tracker.end("FINISHED")
         return TrainResult(self.run.path, self.run.name, self.best, self.best_epoch, self.history, self.tracker.run_id)
 
     def train_iterations(self, epoch: int, rng: dict | None, policy: CheckpointPolicy, bar: TrainProgress) -> None:
-        if self.iteration >= self.iters:  # stopped during this epoch's validation: only that is left
+        n = self.t.iterations_in(epoch, len(self.loader))
+        if self.iteration >= n:  # stopped during this epoch's validation: only that is left
             if rng is not None:
                 restore_rng(rng)
             return
@@ -381,7 +421,7 @@ class _Session:
             restore_rng(rng)
         self.model.train()
         t0 = time.time() - self.epoch_seconds
-        while self.iteration < self.iters:
+        while self.iteration < n:
             batch = next(batches)
             loss = self.train_step(batch)
             self.iteration += 1
@@ -393,7 +433,7 @@ class _Session:
             test_hook(f"step:{self.step}")
             if self.stop.requested:
                 raise _StopNow
-            if self.iteration < self.iters and policy.due(self.step, epoch_end=False):
+            if self.iteration < n and policy.due(self.step, epoch_end=False):
                 self.checkpoint()
                 policy.written(self.step)
 
@@ -409,10 +449,15 @@ class _Session:
             raise MedsegError(f"the loss became {loss.item()} at step {self.step + 1} (lower train.lr, or check the data)")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            if self.t.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            if self.t.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
             self.optimizer.step()
         return loss.item()
 
@@ -423,7 +468,7 @@ class _Session:
         row: dict[str, Any] = {"epoch": epoch, "step": self.step,
                                "train_loss": sum(self.epoch_losses) / max(1, len(self.epoch_losses)),
                                "lr": lr_at(self.schedule, max(0, self.step - 1)), "epoch_seconds": round(self.epoch_seconds, 2)}
-        if epoch % t.val_interval == 0 or epoch == t.epochs:
+        if epoch % t.val_interval == 0 or epoch == self.n_epochs:
             bar.start_validation(epoch)
             test_hook("validation")
 
@@ -468,7 +513,7 @@ class _Session:
             params.update({"parameters": sum(p.numel() for p in self.model.parameters()), "device": str(self.dev),
                            "amp_mode": self.amp, "train_cases": len(self.train_ds), "val_cases": len(self.val_ds)})
             tracker.start(run.name, params, {"medseg.model": self.bundle.model.name, "medseg.run_dir": str(run.path.resolve())})
-            for name in ("bundle.json", "model_summary.txt", "labels.json"):
+            for name in ("bundle.json", "plan.json", "model_summary.txt", "labels.json"):
                 if (run.path / name).is_file():
                     tracker.log_artifact(run.path / name)
             tracker.log_metrics({"parameters": params["parameters"]}, step=0)

@@ -1,0 +1,99 @@
+"""Augmentation presets, warm-up schedules and iteration-based training length."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.config import load_bundle
+from medseg.data.augment import NAMES, crop_size, probabilities, spatial_and_intensity
+from medseg.engine.state import lr_at, new_schedule
+from medseg.errors import BundleError
+
+
+def patch(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    image = torch.from_numpy(rng.normal(0, 1, (1, *shape)).astype(np.float32))
+    label = torch.zeros((1, *shape))
+    label[0, shape[0] // 4: 3 * shape[0] // 4, shape[1] // 4: 3 * shape[1] // 4] = 1
+    label[0, : shape[0] // 4] = 2
+    return {"image": image, "label": label}
+
+
+@pytest.mark.parametrize("roi", [[32, 32, 16], [48, 40, 1]])
+def test_strong_preset_returns_roi_sized_patches_with_valid_labels(roi):
+    from monai.transforms import Compose
+
+    p = probabilities("strong", {n: 1.0 for n in NAMES if n not in ("flip", "rot90", "shift")})  # every transform fires
+    crop = crop_size(roi, p)
+    assert all(c >= r for c, r in zip(crop, roi)) and crop[2] == (1 if roi[2] == 1 else crop[2])
+    chain = Compose(spatial_and_intensity(roi, p, ["liver", "spleen"], "ct"))
+    chain.set_random_state(seed=1)
+    for seed in range(3):
+        out = chain(patch(crop, seed))
+        assert list(out["image"].shape[1:]) == roi and list(out["label"].shape[1:]) == roi
+        assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0, 2.0}  # nearest: no blended label values
+        assert torch.isfinite(out["image"]).all()
+        assert not torch.equal(out["image"], patch(crop, seed)["image"][(slice(None), *[slice(0, r) for r in roi])])
+
+
+def test_left_right_mirroring_is_left_out_for_sided_classes():
+    from monai.transforms import RandFlipd, RandRotate90d
+
+    p = probabilities("strong") | probabilities("light")
+    sided = spatial_and_intensity([32, 32, 32], p, ["kidney_left", "kidney_right"], "window")
+    plain = spatial_and_intensity([32, 32, 32], p, ["liver", "spleen"], "window")
+    flips = lambda steps: sorted(t.flipper.spatial_axis for t in steps if isinstance(t, RandFlipd))  # noqa: E731
+    assert [0] not in flips(sided) and [0] in flips(plain)
+    assert not any(isinstance(t, RandRotate90d) for t in sided) and any(isinstance(t, RandRotate90d) for t in plain)
+
+
+def test_augment_bundle_keys():
+    assert load_bundle(None, ["train.augment=strong"]).train.augment == "strong"
+    assert load_bundle(None, ["train.augment=true"]).train.augment == "light"  # run format 1 bundles
+    assert load_bundle(None, ["train.augment=false"]).train.augment == "none"
+    assert probabilities("strong", {"elastic": 0.2, "noise": 0})["elastic"] == 0.2
+    assert "noise" not in probabilities("strong", {"noise": 0})
+    for bad, msg in (('train.augment_p={"elastc": 0.2}', "unknown transform 'elastc'"),
+                     ('train.augment_p={"noise": 2}', "must be a number in"), ("train.augment=heavy", "must be one of")):
+        with pytest.raises(BundleError, match=msg):
+            load_bundle(None, [bad])
+
+
+def test_warmup_then_decay_by_hand():
+    seg = new_schedule("poly", 0.01, 110, warmup=10)
+    assert [round(lr_at(seg, s), 6) for s in range(3)] == [0.001, 0.002, 0.003]
+    assert lr_at(seg, 9) == pytest.approx(0.01)
+    assert lr_at(seg, 10) == pytest.approx(0.01)  # decay starts at the peak
+    assert lr_at(seg, 60) == pytest.approx(0.01 * (1 - 50 / 100) ** 0.9)
+    cos = new_schedule("cosine", 1e-3, 20, warmup=0)
+    assert lr_at(cos, 10) == pytest.approx(0.5e-3)
+
+
+def test_iterations_set_the_length():
+    t = load_bundle(None, ["train.iterations=120", "train.iterations_per_epoch=50"]).train
+    assert t.total_epochs() == 3
+    assert [t.iterations_in(e, 7) for e in (1, 2, 3)] == [50, 50, 20]
+    t = load_bundle(None, ["train.iterations=30"]).train
+    assert t.total_epochs() == 1 and t.iterations_in(1, 7) == 30
+    t = load_bundle(None, ["train.epochs=4"]).train
+    assert t.total_epochs() == 4 and t.iterations_in(2, 7) == 7
+
+
+def test_grad_clip_and_sgd_train(workdir):
+    """SGD with Nesterov momentum, warm-up, poly decay and clipping run end to end; the run trains the
+    number of steps `train.iterations` asks for."""
+    import json
+
+    from medseg.engine.train import train
+
+    bundle = load_bundle(None, ["model.name=fcn2d", 'model.args={"features": [8, 16, 16, 16, 16]}', "data.phantom.cases=2",
+                                "data.val_fraction=0.5", 'data.labels=["liver"]', "data.spacing=[5,5,5]", "train.roi=[32,32,1]",
+                                "sliding_window.roi=[32,32,4]", "train.samples_per_volume=2", "train.optimizer=sgd", "train.lr=1e-2",
+                                "train.scheduler=poly", "train.warmup=2", "train.grad_clip=1.0", "train.iterations=7",
+                                "train.iterations_per_epoch=3", "train.augment=strong", "tracking.backend=none"])
+    result = train(bundle, show_progress=False)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["steps"] == 7 and info["epochs"] == 3
+    assert [row["step"] for row in result.history] == [3, 6, 7]
