@@ -7,6 +7,8 @@ Heavy libraries (torch, monai, mlflow) are imported inside the functions that ne
 __version__ = "0.1.0"
 
 # Run directories carry this number. 2: one checkpoint.pt with the whole training state (no
-# model_last.pt), a lock file and heartbeat. Inference still reads format 1; resume needs 2.
-RUN_FORMAT_VERSION = 2
-READABLE_RUN_FORMATS = (1, 2)
+# model_last.pt), a lock file and heartbeat. 3: augmentation presets (format 2's `"augment": true`
+# flipped left and right, which "light" no longer does for sided classes, so a format-2 run cannot
+# continue bit for bit), warm-up and train.iterations in the checkpoint. Inference reads 1-3; resume needs 3.
+RUN_FORMAT_VERSION = 3
+READABLE_RUN_FORMATS = (1, 2, 3)

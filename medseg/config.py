@@ -128,13 +128,6 @@ class TrainConfig:
             return self.epochs
         return -(-self.iterations // self.iterations_per_epoch_for(loader_len))
 
-    def iterations_in(self, epoch: int, loader_len: int) -> int:
-        """Steps of epoch ``epoch`` (1-based): a full epoch, or what is left of ``iterations``."""
-        ipe = self.iterations_per_epoch_for(loader_len)
-        if self.iterations is None:
-            return ipe
-        return max(0, min(ipe, self.iterations - (epoch - 1) * ipe))
-
 
 @dataclass
 class SlidingWindowConfig:

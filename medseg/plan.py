@@ -60,6 +60,26 @@ def _content_hash(cases, lut: np.ndarray, labels: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
+def _stat_key(cases, lut: np.ndarray, labels: list[str]) -> str:
+    """Paths, sizes and modification times: unchanged files need not be read again to be hashed."""
+    h = hashlib.sha256(f"medseg stat v{FINGERPRINT_VERSION}".encode())
+    h.update(json.dumps(labels).encode() + np.ascontiguousarray(lut).tobytes())
+    for case in sorted(cases, key=lambda c: c.name):
+        for p in (case.image, case.label):
+            st = os.stat(p)
+            h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def _known_hash(cases, lut: np.ndarray, labels: list[str], root: Path) -> str | None:
+    """The content hash recorded for these files when they last had these sizes and times."""
+    index = cache_path(root, "x").with_name(f"index-{_stat_key(cases, lut, labels)}.txt")
+    try:
+        return index.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def cache_path(root: Path, digest: str) -> Path:
     """``<data>/.medseg/fingerprint-<hash>.json`` when the data folder is writable, else under
     ``$MEDSEG_CACHE`` (default ``~/.cache/medseg``)."""
@@ -77,8 +97,9 @@ def fingerprint(cases, lut: np.ndarray, labels: list[str], root: Path | None = N
 
     from medseg.data.io import load_array, read_image
 
-    digest = _content_hash(cases, lut, labels)
-    path = cache_path(root or Path(cases[0].image).parent, digest)
+    root = root or Path(cases[0].image).parent
+    digest = _known_hash(cases, lut, labels, root) or _content_hash(cases, lut, labels)
+    path = cache_path(root, digest)
     if path.is_file():
         try:
             fp = json.loads(path.read_text())
@@ -110,9 +131,10 @@ def fingerprint(cases, lut: np.ndarray, labels: list[str], root: Path | None = N
     fp = {"version": FINGERPRINT_VERSION, "hash": digest, "labels": labels, "cases": out_cases}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(fp))
-        os.replace(tmp, path)
+        for target, text in ((path, json.dumps(fp)), (path.with_name(f"index-{_stat_key(cases, lut, labels)}.txt"), digest)):
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, target)
         fp["cached"] = str(path)
     except OSError:
         fp["cached"] = None  # a read-only place: the plan still works, it is just not cached
@@ -174,9 +196,8 @@ def ct_statistics(samples: np.ndarray) -> dict[str, float]:
     if samples.size < 2:
         raise MedsegError("cannot plan \"ct\" normalisation: the cases hold no voxels of the requested classes")
     low, high = np.percentile(samples, [0.5, 99.5])
-    clipped = np.clip(samples, low, high)
-    std = float(clipped.std())
-    return {"low": round(float(low), 3), "high": round(float(high), 3), "mean": round(float(clipped.mean()), 3),
+    std = float(samples.std())  # of the foreground as sampled, as nnU-Net's CTNormalization
+    return {"low": round(float(low), 3), "high": round(float(high), 3), "mean": round(float(samples.mean()), 3),
             "std": round(max(std, 1e-3), 3)}
 
 

@@ -35,7 +35,29 @@ def test_strong_preset_returns_roi_sized_patches_with_valid_labels(roi):
         assert list(out["image"].shape[1:]) == roi and list(out["label"].shape[1:]) == roi
         assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0, 2.0}  # nearest: no blended label values
         assert torch.isfinite(out["image"]).all()
-        assert not torch.equal(out["image"], patch(crop, seed)["image"][(slice(None), *[slice(0, r) for r in roi])])
+
+
+@pytest.mark.parametrize("roi", [[32, 32, 16], [48, 40, 1]])
+def test_image_and_label_move_together(roi):
+    """Spatial transforms only, on an image that is its own label map: after rotation, scaling and
+    mirroring the image, rounded, must still equal the label almost everywhere (they differ only
+    where bilinear and nearest interpolation disagree, at boundaries)."""
+    from monai.transforms import Compose
+
+    p = {"rotate_scale": 1.0, "mirror": 1.0}
+    crop = crop_size(roi, p)
+    chain = Compose(spatial_and_intensity(roi, p, ["liver", "spleen"], "ct"))
+    chain.set_random_state(seed=3)
+    moved = 0
+    for seed in range(4):
+        d = patch(crop, seed)
+        d["image"] = d["label"].clone()
+        centre = d["label"][(slice(None), *[slice((c - r) // 2, (c - r) // 2 + r) for c, r in zip(crop, roi)])].clone()
+        out = chain(d)
+        agree = (out["image"].round() == out["label"]).float().mean()
+        assert agree > 0.9
+        moved += int(not torch.equal(out["label"], centre))
+    assert moved >= 3  # the label was really transformed, not just centre-cropped
 
 
 def test_left_right_mirroring_is_left_out_for_sided_classes():
@@ -73,12 +95,11 @@ def test_warmup_then_decay_by_hand():
 
 def test_iterations_set_the_length():
     t = load_bundle(None, ["train.iterations=120", "train.iterations_per_epoch=50"]).train
-    assert t.total_epochs() == 3
-    assert [t.iterations_in(e, 7) for e in (1, 2, 3)] == [50, 50, 20]
+    assert t.total_epochs() == 3 and t.iterations_per_epoch_for(7) == 50
     t = load_bundle(None, ["train.iterations=30"]).train
-    assert t.total_epochs() == 1 and t.iterations_in(1, 7) == 30
+    assert t.total_epochs() == 1 and t.iterations_per_epoch_for(7) == 30
     t = load_bundle(None, ["train.epochs=4"]).train
-    assert t.total_epochs() == 4 and t.iterations_in(2, 7) == 7
+    assert t.total_epochs() == 4 and t.iterations_per_epoch_for(7) == 7
 
 
 def test_grad_clip_and_sgd_train(workdir):
@@ -97,3 +118,19 @@ def test_grad_clip_and_sgd_train(workdir):
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["status"] == "complete" and info["steps"] == 7 and info["epochs"] == 3
     assert [row["step"] for row in result.history] == [3, 6, 7]
+
+
+def test_resume_during_warmup_finishes_it():
+    """Stopped at step 10 of a 20-step warm-up and resumed with a longer run: the rate keeps
+    climbing from where it was to the peak, then decays; it never restarts from 0 nor stalls."""
+    from medseg.engine.state import continue_schedule
+
+    seg = new_schedule("cosine", 1e-2, 100, warmup=20)
+    at10 = lr_at(seg, 9)
+    longer, note = continue_schedule(seg, 10, "cosine", 1e-2, 200)
+    assert note and "warm-up" in note
+    assert lr_at(longer, 9) == at10  # the past is unchanged
+    rates = [lr_at(longer, s) for s in range(10, 21)]
+    assert rates[0] > at10 and all(b > a for a, b in zip(rates, rates[1:-1]))
+    assert lr_at(longer, 19) == pytest.approx(1e-2)
+    assert lr_at(longer, 100) < 1e-2

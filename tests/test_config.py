@@ -17,14 +17,18 @@ def test_every_shipped_bundle_validates():
         assert bundle.data.labels and bundle.train.epochs >= 1
 
 
-def test_3d_bundles_follow_the_btcv_recipe():
-    for name in ("vnet", "unetr", "swin_unetr"):
+def test_shipped_bundles_share_one_protocol():
+    """Same-protocol comparison: the shipped bundles differ only in the model (and UNETR's rate)."""
+    protocol = None
+    for name in ("vnet", "unetr", "swin_unetr", "fcn2d"):
         b = load_bundle(BUNDLES[0].parent / f"{name}.json")
-        assert b.data.spacing == [1.5, 1.5, 2.0]
-        assert b.data.hu_window == [-175.0, 250.0]
-        assert (b.train.sampling, b.train.pos_neg, b.train.samples_per_volume) == ("pos_neg", [1.0, 1.0], 4)
-        assert (b.train.loss, b.train.optimizer, b.train.lr) == ("dice_ce", "adamw", 1e-4)
-        assert (b.sliding_window.overlap, b.sliding_window.sw_batch_size, b.sliding_window.mode) == (0.25, 4, "gaussian")
+        fields = (b.data.labels, b.data.spacing, b.data.normalization, b.data.ct_stats, b.train.sampling, b.train.augment,
+                  b.train.loss, b.train.optimizer, b.train.scheduler, b.train.warmup, b.train.grad_clip,
+                  b.sliding_window.overlap, b.sliding_window.mode)
+        assert protocol is None or fields == protocol, name
+        protocol = fields
+        assert b.data.normalization == "ct" and b.data.ct_stats == "auto" and b.train.augment == "strong"
+        assert b.train.iterations is not None and b.train.lr in (2e-3, 5e-4)
 
 
 def test_overrides_parse_json_else_string():

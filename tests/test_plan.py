@@ -46,6 +46,11 @@ def planned_bundle(folder, **extra):
     return bundle_from_dict(raw)
 
 
+def _cases(bundle):
+    found, lut, train_cases, _, _ = prepare(bundle.data, bundle.data.labels)
+    return train_cases, lut, bundle.data.labels, found.root
+
+
 def fp_and_plan(bundle):
     found, lut, train_cases, _, _ = prepare(bundle.data, bundle.data.labels)
     fp = fingerprint(train_cases, lut, bundle.data.labels, root=found.root)
@@ -116,7 +121,14 @@ def test_fingerprint_is_cached_by_content(tmp_path):
     fp, _ = fp_and_plan(bundle)
     cached = fp["cached"]
     assert cached and (folder / ".medseg").is_dir()
-    again, _ = fp_and_plan(bundle)
+    import medseg.data.io as io
+
+    real_read = io.read_image
+    io.read_image = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the cache was not used"))
+    try:
+        again = fingerprint(*_cases(bundle))
+    finally:
+        io.read_image = real_read
     assert again["cached"] == cached and again["hash"] == fp["hash"]
     # change one image's voxels: a new fingerprint, with the new statistics
     image, label = two_value_case()

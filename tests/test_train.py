@@ -74,7 +74,7 @@ def test_run_directory_describes_itself_and_resumes(workdir):
         assert (run / name).is_file(), name
     assert not (run / "model_last.pt").exists()  # the last weights live in checkpoint.pt, not in a second copy
     info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "complete" and info["best_epoch"] == 1 and info["format_version"] == 2
+    assert info["status"] == "complete" and info["best_epoch"] == 1 and info["format_version"] == 3
     assert json.loads((run / "labels.json").read_text()) == {"0": "background", "1": "liver", "2": "spleen"}
     saved = load_bundle(run / "bundle.json")
     assert saved.model.args["hidden_size"] == 96 and saved.train.roi == [32, 32, 32]

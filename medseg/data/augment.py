@@ -71,7 +71,8 @@ def crop_size(roi: list[int], p: dict[str, float]) -> list[int]:
         return list(roi)
     two_d = roi[2] == 1
     grow = min(1.5, SCALE[1] * (math.cos(ROTATE_3D) + math.sin(ROTATE_3D))) if not two_d else 1.5
-    return [int(math.ceil(r * grow)) if (r > 1) else 1 for r in roi]
+    # an even margin, so the centre crop of an unrotated patch is exact
+    return [r + 2 * int(math.ceil(r * (grow - 1) / 2)) if r > 1 else 1 for r in roi]
 
 
 def spatial_and_intensity(roi: list[int], p: dict[str, float], labels: list[str], normalization: str) -> list:
@@ -99,13 +100,15 @@ def spatial_and_intensity(roi: list[int], p: dict[str, float], labels: list[str]
     steps: list = []
     if "rotate_scale" in p:
         rotate = (0.0, 0.0, math.pi) if two_d else (ROTATE_3D,) * 3
-        # MONAI's scale_range r gives factors 1 + U(-r, r) on the sampling grid: 0.7-1.4 in effect.
+        # MONAI's scale_range r gives factors 1 + U(-r, r) on the sampling grid, a zoom of 1/1.3-1/0.7
+        # (0.77-1.43), nnU-Net's 0.7-1.4 to within a few per cent.
         scale = (0.3, 0.3, 0.0) if two_d else (0.3,) * 3
+        # outside the crop: the image's edge values (a zero is soft tissue after z-scoring), background for the label
         steps.append(RandAffined(keys=keys, spatial_size=roi, prob=p["rotate_scale"], rotate_range=rotate, scale_range=scale,
-                                 mode=["bilinear", "nearest"], padding_mode="zeros"))
+                                 mode=["bilinear", "nearest"], padding_mode=["border", "zeros"]))
     if "elastic" in p and not two_d:
         steps.append(Rand3DElasticd(keys=keys, sigma_range=(5, 8), magnitude_range=(50, 150), prob=p["elastic"],
-                                    mode=["bilinear", "nearest"], padding_mode="zeros"))
+                                    mode=["bilinear", "nearest"], padding_mode=["border", "zeros"]))
     if "low_res" in p and not two_d:
         steps.append(RandSimulateLowResolutiond(keys="image", prob=p["low_res"], zoom_range=(0.5, 1.0)))
     if "noise" in p:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    BorderPadd,
     CenterSpatialCropd,
     Compose,
     CropForegroundd,
@@ -111,9 +112,15 @@ def train_transforms(bundle: Bundle, lut: np.ndarray) -> Compose:
     keys = list(KEYS)
     p = probabilities(t.augment, t.augment_p)
     crop = crop_size(t.roi, p)
+    low = intensity_map(bundle)[2]  # padding is air (the input's low end), not 0 (soft tissue after z-scoring)
+    margin = [(c - r) // 2 for c, r in zip(crop, t.roi)]
     steps = preprocess(bundle, lut) + [
         crop_body(bundle),
-        SpatialPadd(keys=keys, spatial_size=crop),
+        # A larger crop must still be centrable on a voxel at the volume's edge: pad by the margin.
+        BorderPadd(keys="image", spatial_border=margin, value=low),
+        BorderPadd(keys="label", spatial_border=margin, value=0),
+        SpatialPadd(keys="image", spatial_size=crop, value=low),
+        SpatialPadd(keys="label", spatial_size=crop, value=0),
         EnsureTyped(keys=keys, track_meta=False),
     ]
     if t.sampling == "pos_neg":

@@ -46,8 +46,9 @@ def lr_at(segments: list[dict[str, Any]], step: int) -> float:
     """The learning rate of optimiser step ``step`` (0-based)."""
     seg = next((s for s in reversed(segments) if s["start"] <= step), segments[0])
     t, warmup = step - seg["start"], min(seg.get("warmup", 0), seg["end"] - seg["start"])
-    if t < warmup:
-        return seg["lr0"] * (t + 1) / warmup
+    if t < warmup:  # linear from lr_start (0 at the start of training; the current rate on a resume)
+        start = seg.get("lr_start", 0.0)
+        return start + (seg["lr0"] - start) * (t + 1) / warmup
     return seg["lr0"] * _factor(seg["kind"], t - warmup, seg["end"] - seg["start"] - warmup)
 
 
@@ -60,12 +61,16 @@ def continue_schedule(segments: list[dict[str, Any]], step: int, kind: str, lr: 
     if last["end"] == total_steps and last["kind"] == kind and last["base_lr"] == lr:
         return segments, None
     quiet = kind == "none" and last["kind"] == "none" and last["base_lr"] == lr  # a constant rate, only the length changed
+    warm_left = last.get("warmup", 0) - (step - last["start"])
     if last["base_lr"] != lr:
         start, how = float(lr), f"lr set to {lr:g}"
+    elif warm_left > 0:  # stopped during the warm-up: finish it, then decay from the peak
+        start, how = float(lr), f"finishing the warm-up to {lr:g} over {warm_left} steps"
     else:
         start = lr_at(segments, min(step, max(last["start"], last["end"] - 1)))
         how = f"continuing from the current lr {start:.3g} (give a new train.lr to restart higher)"
-    seg = {"start": int(step), "end": int(total_steps), "lr0": start, "base_lr": float(lr), "kind": kind, "warmup": 0}
+    seg = {"start": int(step), "end": int(total_steps), "lr0": start, "base_lr": float(lr), "kind": kind,
+           "warmup": max(0, warm_left) if last["base_lr"] == lr else 0, "lr_start": lr_at(segments, max(0, step - 1)) if step else 0.0}
     shape = "constant" if kind == "none" else f"{kind} decay to 0 at step {total_steps}"
     return [*segments, seg], None if quiet else f"learning rate: {how}, then {shape}"
 

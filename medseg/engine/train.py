@@ -154,15 +154,19 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
                          "is no longer bit-identical to an uninterrupted one")
         ckpt = run.checkpoint()
         n_epochs = t.total_epochs()
-        if ckpt is not None and ckpt["epoch"] >= n_epochs:
+        finished = ckpt is not None and (ckpt["step"] >= t.iterations if t.iterations is not None else ckpt["epoch"] >= n_epochs)
+        if finished:
             if run.status == "complete":
-                raise MedsegError(f"{run_dir} already trained {ckpt['epoch']} epochs; raise train.epochs to continue")
+                length = (f"{ckpt['step']} steps; raise train.iterations" if t.iterations is not None
+                          else f"{ckpt['epoch']} epochs; raise train.epochs")
+                raise MedsegError(f"{run_dir} already trained {length} to continue")
             notes.append(f"{run.path.name} was stopped after its last checkpoint: finishing it (metrics, status)")
         if ckpt is None:
             notes.append(f"{run.path.name} has no checkpoint (it stopped before its first one): training it from the start")
-        elif ckpt["epoch"] < n_epochs:
+        elif not finished:
+            goal = f"step {t.iterations}" if t.iterations is not None else f"epoch {n_epochs}"
             where = f"epoch {ckpt['epoch'] + 1}, after iteration {ckpt['iteration']}" if ckpt["iteration"] else f"epoch {ckpt['epoch'] + 1}"
-            notes.append(f"resuming {run.path.name} at {where} (step {ckpt['step']}), up to epoch {n_epochs}")
+            notes.append(f"resuming {run.path.name} at {where} (step {ckpt['step']}), up to {goal}")
     elif run_dir is not None and (Path(run_dir) / "run.json").exists():
         raise MedsegError(f"{run_dir} already holds a run; choose another --run-dir, or continue it with --resume")
     set_determinism(seed=t.seed)
@@ -182,7 +186,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     plan = None
     if planned:
         bundle, plan = _plan(bundle, found.root, lut, train_cases, dev, console if mode != "off" else None,
-                             lambda i, n: data_progress("fingerprint", i, n))
+                             lambda i, n: data_progress("fingerprint", i, n), others=val_cases)
         t = bundle.train
         model = build_model(bundle)
         check_window(bundle.model.name, t.roi, bundle.infer_roi)
@@ -231,15 +235,19 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
         run.release()
 
 
-def _plan(bundle: Bundle, root, lut, cases, dev, console: Console | None, progress) -> tuple[Bundle, Any]:
+def _plan(bundle: Bundle, root, lut, cases, dev, console: Console | None, progress, others=()) -> tuple[Bundle, Any]:
     """Fill the bundle's "auto" fields from a fingerprint of the training cases (``medseg/plan.py``)."""
+    from medseg.data.io import check_grid, read_image
     from medseg.plan import apply_plan, fingerprint, make_plan
 
     fp = fingerprint(cases, lut, bundle.data.labels, root=root, progress=progress)
     plan = make_plan(fp, bundle, str(dev))
     if console is not None:
         print_plan(console, plan, fp)
-    return apply_plan(bundle, plan), plan
+    planned = apply_plan(bundle, plan)
+    for case in [*cases, *others]:  # the size check data.spacing "auto" skipped: a planned spacing may still be extreme for one case
+        check_grid(read_image(case.image), case.image, planned.data.spacing)
+    return planned, plan
 
 
 def print_plan(console: Console, plan, fp) -> None:
@@ -343,10 +351,24 @@ class _Session:
         self.epoch_losses, self.epoch_seconds = list(ckpt["epoch_losses"]), ckpt["epoch_seconds"]
         self.best, self.best_epoch = ckpt["best_dice"], ckpt["best_epoch"]
         self.history = [dict(row) for row in ckpt["history"]]
+        self.n_epochs = self.count_epochs()
         self.schedule, note = continue_schedule(ckpt["schedule"], self.step, self.t.scheduler, self.t.lr, self.step_total())
         if note:
             self.notes.append(note)
         return ckpt["rng"]
+
+    def epoch_length(self) -> int:
+        """Steps in the current epoch: a full one, or what is left of ``train.iterations`` counted from
+        the step this epoch started at (so a resume with a new iterations_per_epoch still stops there)."""
+        if self.t.iterations is None:
+            return self.iters
+        return max(0, min(self.iters, self.t.iterations - (self.step - self.iteration)))
+
+    def count_epochs(self) -> int:
+        if self.t.iterations is None:
+            return self.t.epochs
+        left = max(0, self.t.iterations - (self.step - self.iteration))  # from the start of the current epoch
+        return self.epoch_done + max(1 if left or self.iteration else 0, -(-left // self.iters))
 
     def step_total(self) -> int:
         """Optimiser steps when the run is done (iterations per epoch may have changed on resume)."""
@@ -411,7 +433,7 @@ class _Session:
         return TrainResult(self.run.path, self.run.name, self.best, self.best_epoch, self.history, self.tracker.run_id)
 
     def train_iterations(self, epoch: int, rng: dict | None, policy: CheckpointPolicy, bar: TrainProgress) -> None:
-        n = self.t.iterations_in(epoch, len(self.loader))
+        n = self.epoch_length()
         if self.iteration >= n:  # stopped during this epoch's validation: only that is left
             if rng is not None:
                 restore_rng(rng)
