@@ -286,8 +286,16 @@ def plan(
     else:
         base = {"data": {"spacing": "auto", "normalization": "ct"}, "train": {"roi": "auto", "batch_size": "auto"}}
         cfg = bundle_from_dict(base, overrides)
-    if output is not None and output.exists() and not force:
-        raise MedsegError(f"{output} exists; use --force to replace it")
+    if output is not None:
+        if not str(output).strip() or output.is_dir():
+            raise MedsegError(f"-o {output}: give a file name for the plan JSON, not a folder")
+        if output.exists() and not force:
+            raise MedsegError(f"{output} exists; use --force to replace it")
+        if output.suffix != ".json":
+            raise MedsegError(f"-o {output}: the plan is JSON; give a name ending in .json")
+        parent = next((p for p in output.resolve().parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise MedsegError(f"-o {output}: {parent} is a file, not a folder")
     dev = resolve_device(device)
     found, lut, train_cases, _, notes = prepare(cfg.data, cfg.data.labels)
     for note in notes:
@@ -299,7 +307,10 @@ def plan(
         from medseg.data.io import write_text_atomic
 
         planned = apply_plan(cfg, result)
-        write_text_atomic(output, json.dumps({"plan": result.as_dict(), "bundle": planned.to_dict()}, indent=2) + "\n")
+        try:
+            write_text_atomic(output, json.dumps({"plan": result.as_dict(), "bundle": planned.to_dict()}, indent=2) + "\n")
+        except OSError as e:
+            raise MedsegError(f"cannot write {output}: {e.strerror or e}") from None
         out.print(f"wrote {output}")
 
 

@@ -46,10 +46,10 @@ class CTStats:
     to [low, high] (the foreground's 0.5 and 99.5 percentiles), then subtract ``mean`` and divide
     by ``std`` (the clipped foreground's)."""
 
-    low: float = -1000.0
-    high: float = 1000.0
-    mean: float = 0.0
-    std: float = 1.0
+    low: float
+    high: float
+    mean: float
+    std: float
 
 
 @dataclass
@@ -263,6 +263,10 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         if key not in names:
             full = f"{path}.{key}" if path else key
             raise BundleError(f"unknown bundle key {full!r}{_closest(key, names)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise BundleError(f"{where} needs {', '.join(names)}; missing {', '.join(missing)}")
     kwargs = {}
     for name in names:
         if name in raw:
@@ -285,8 +289,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _coerce(option, value, path)
             except BundleError as e:
-                errors.append(str(e))
-        raise BundleError(errors[0] if len(errors) == 1 else f"{path}: {value!r} has the wrong type")
+                # the error of the option the value was meant as: an object for a section, a word for a choice
+                meant = (isinstance(value, dict) and dataclasses.is_dataclass(option)) or (
+                    isinstance(value, str) and typing.get_origin(option) is Literal)
+                errors.insert(0, str(e)) if meant else errors.append(str(e))
+        if len(errors) == 1 or isinstance(value, (dict, str)):
+            raise BundleError(errors[0])
+        raise BundleError(f"{path}: {value!r} has the wrong type")
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)

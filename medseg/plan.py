@@ -84,7 +84,8 @@ def cache_path(root: Path, digest: str) -> Path:
     """``<data>/.medseg/fingerprint-<hash>.json`` when the data folder is writable, else under
     ``$MEDSEG_CACHE`` (default ``~/.cache/medseg``)."""
     local = root / ".medseg"
-    if os.access(root, os.W_OK) or os.access(local, os.W_OK):
+    writable = os.access(root, os.W_OK) and root.stat().st_mode & 0o222  # root ignores mode bits in os.access
+    if writable or (local.is_dir() and os.access(local, os.W_OK)):
         return local / f"fingerprint-{digest}.json"
     base = Path(os.environ.get("MEDSEG_CACHE", Path.home() / ".cache" / "medseg"))
     return base / "fingerprints" / f"fingerprint-{digest}.json"
@@ -247,7 +248,10 @@ def make_plan(fp: dict[str, Any], bundle: Bundle, device: str = "cpu") -> Plan:
         spacing = list(bundle.data.spacing)
     median = [float(v) for v in np.median(shapes * spacings / np.asarray(spacing), axis=0)]
     samples = np.concatenate([np.asarray(c["samples"], dtype=np.float64) for c in cases])
-    stats = ct_statistics(samples) if bundle.data.normalization == "ct" else {}
+    stats: dict[str, float] = {}
+    if bundle.data.normalization == "ct":
+        given = bundle.data.ct_stats
+        stats = ct_statistics(samples) if given == "auto" else asdict(given)
 
     spec = get_spec(bundle.model.name)
     t = bundle.train

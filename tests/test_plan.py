@@ -176,3 +176,10 @@ def test_train_plans_auto_fields_and_infer_uses_the_plan(workdir, cli):
     res = cli("infer", scan, "--run", result.run_dir, "-o", workdir / "seg.nii.gz")
     assert res.exit_code == 0, res.output
     assert nib.load(workdir / "seg.nii.gz").shape == case.image.shape
+
+
+def test_partial_ct_stats_and_edited_runs_are_refused(tmp_path):
+    with pytest.raises(BundleError, match="missing high, mean, std"):
+        load_bundle(None, ["data.normalization=ct", 'data.ct_stats={"low": -100}'])
+    with pytest.raises(BundleError, match="did you mean 'auto'"):
+        load_bundle(None, ["data.spacing=Auto"])

@@ -22,9 +22,12 @@ def untrained_dice(bundle, run_dir: Path) -> float:
     """Mean foreground validation Dice of a freshly initialised model on the run's validation cases."""
     from monai.data import DataLoader, Dataset
 
+    from medseg.config import bundle_from_dict
     from medseg.data.datasets import prepare
     from medseg.data.transforms import val_transforms
     from medseg.engine.validate import validate
+
+    bundle = bundle_from_dict(json.loads((run_dir / "bundle.json").read_text()))  # as planned for the run
 
     _, lut, _, _, _ = prepare(bundle.data, bundle.data.labels)
     val = json.loads((run_dir / "splits.json").read_text())["val"]

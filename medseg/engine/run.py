@@ -129,9 +129,13 @@ class Run:
     def bundle(self) -> Bundle:
         raw = _read_json(self.path / "bundle.json", "bundle")
         try:
-            return bundle_from_dict(raw)
+            bundle = bundle_from_dict(raw)
         except BundleError as e:
             raise MedsegError(f"{self.path / 'bundle.json'}: {e}") from None
+        if bundle.planned_fields():  # training writes planned values; "auto" here means an edited file
+            raise MedsegError(f"{self.path / 'bundle.json'}: {', '.join(bundle.planned_fields())} still \"auto\" "
+                              "(a trained run holds the planned values): the run directory was edited")
+        return bundle
 
     @property
     def labels(self) -> dict[int, str]:

@@ -260,7 +260,8 @@ def print_plan(console: Console, plan, fp) -> None:
         table.add_column(col)
     for row in plan_rows(plan, fp):
         table.add_row(*(escape(c) for c in row))
-    console.print(table)
+    # in a log or a pipe, as wide as it needs (paths are not cut to "..."), as cli_common.print_table
+    (console if console.is_terminal else Console(file=console.file, width=240)).print(table)
     for note in plan.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
 
@@ -328,6 +329,9 @@ class _Session:
         self.history: list[dict[str, Any]] = []
         self.schedule = new_schedule(t.scheduler, t.lr, self.step_total(), t.warmup)
         self.notes: list[str] = []
+        if t.warmup >= self.step_total():
+            self.notes.append(f"train.warmup {t.warmup} is not shorter than the {self.step_total()} training steps: the rate "
+                              "only climbs, and training ends at its peak with no decay")
 
     # -- checkpoint -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

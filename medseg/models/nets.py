@@ -34,7 +34,7 @@ def swin_unetr(in_channels, out_channels, roi, grad_checkpointing=False, **args)
     return SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=3, use_checkpoint=grad_checkpointing, **args)
 
 
-@register_model("fcn2d", display="FCN2D", network=FCN2D, roi_multiple=(1, 1, 1),
+@register_model("fcn2d", display="FCN2D", network=FCN2D, roi_multiple=(1, 1, 1), min_roi=(32, 32, 1),
                 description="2D FCN-8s baseline applied slice by slice along the axial axis (train with ROI depth 1)")
 def fcn2d(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     net = FCN2D(in_channels=in_channels, out_channels=out_channels, **args)
