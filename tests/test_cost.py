@@ -547,7 +547,8 @@ def test_cost_cli_reads_a_run_directory(cli, tmp_path):
     from medseg.config import load_bundle
 
     bundle = load_bundle("bundles/unetr.json", ["model.args.hidden_size=96", "model.args.mlp_dim=192", "model.args.num_heads=4",
-                                                "train.roi=[32,32,32]", "train.batch_size=2", "train.samples_per_volume=3"])
+                                                "train.roi=[32,32,32]", "train.batch_size=2", "train.samples_per_volume=3",
+                                                'data.ct_stats={"low": -150, "high": 250, "mean": 40, "std": 60}'])  # as planned
     run = tmp_path / "UNETR-run01"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"format_version": RUN_FORMAT_VERSION, "name": run.name, "status": "complete"}))
