@@ -27,7 +27,7 @@ def measure(roi: list[int], repeats: int) -> list[tuple[str, float, float]]:
         if name in ("flip", "rot90", "shift"):
             continue
         p = {name: 1.0}
-        steps = spatial_and_intensity(roi, p, ["liver"], "ct")
+        steps = spatial_and_intensity(roi, p, ["liver"], "ct", (-175.0, 250.0, -3.5, 5.0))
         if not steps:
             continue  # not defined for this dimensionality (elastic and low_res in 2D)
         shape = crop_size(roi, p)
@@ -42,7 +42,7 @@ def measure(roi: list[int], repeats: int) -> list[tuple[str, float, float]]:
         ms = statistics.median(times)
         expected = ms * strong.get(name, 0.0)
         if name == "rotate_scale":  # when it does not fire, the larger crop is still cut to the ROI (an identity resample)
-            idle = spatial_and_intensity(roi, {name: 1e-9}, ["liver"], "ct")
+            idle = spatial_and_intensity(roi, {name: 1e-9}, ["liver"], "ct", (-175.0, 250.0, -3.5, 5.0))
             t0 = time.perf_counter()
             for _ in range(repeats):
                 data = {"image": torch.randn(1, *shape), "label": torch.randint(0, 3, (1, *shape)).float()}

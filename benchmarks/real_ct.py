@@ -30,14 +30,14 @@ DATA = ROOT.parent / "shared" / "data"
 LABELS = ["spleen", "liver", "kidney_right", "kidney_left", "stomach"]
 
 
-def run_one(name: str, extra: list[str], work: Path) -> dict:
+def run_one(name: str, extra: list[str], work: Path, labels: list[str] = LABELS) -> dict:
     from medseg.config import load_bundle
     from medseg.engine.evaluate import evaluate
     from medseg.engine.infer import Predictor, segment_file
     from medseg.engine.train import train
 
     overrides = [f"data.source={DATA / 'ct_abdomen_3mm'}", f"data.source_labels={DATA / 'totalseg_v2_labels.json'}",
-                 f"data.labels={json.dumps(LABELS)}", "data.val_fraction=0", "tracking.backend=none", *extra]
+                 f"data.labels={json.dumps(labels)}", f"postprocess.largest_component={json.dumps(labels)}", "data.val_fraction=0", "tracking.backend=none", *extra]
     bundle = load_bundle(ROOT / "bundles" / f"{name}.json", overrides)
     t0 = time.time()
     result = train(bundle, runs_root=work / "runs", progress="plain")
@@ -51,7 +51,7 @@ def run_one(name: str, extra: list[str], work: Path) -> dict:
     gt = nib.load(DATA / "msd_spleen_8" / "label.nii.gz")
     true_ml = float((np.asarray(gt.dataobj) == 1).sum() * np.prod(gt.header.get_zooms()[:3]) / 1000)
     spleen = report.mean["spleen"]
-    return {"bundle": name, "overrides": extra, "train_s": round(seconds), "train_val_dice": round(result.best_dice, 3),
+    return {"bundle": name, "overrides": extra if labels == LABELS else [f"labels: {' '.join(labels)}", *extra], "train_s": round(seconds), "train_val_dice": round(result.best_dice, 3),
             "spleen_dice": round(spleen["dice"], 3), "spleen_hd95_mm": round(spleen["hd95_mm"], 1), "spleen_nsd": round(spleen["nsd"], 3),
             "true_spleen_ml": round(true_ml), "predicted_ml": {k: round(v) for k, v in sidecar["volume_ml"].items()},
             "run": str(result.run_dir)}
@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--bundles", nargs="+", default=["fcn2d", "vnet", "unetr", "swin_unetr"])
     ap.add_argument("--augment", nargs="+", default=[None], help="presets to compare (default: each bundle's own)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="bundle override for every run")
+    ap.add_argument("--labels", nargs="+", default=LABELS, help=f"classes to train (default: {' '.join(LABELS)}); "
+                    "left/right classes switch off left-right mirroring")
     ap.add_argument("--work", type=Path, default=None, help="keep runs and outputs here (default: a temporary folder)")
     a = ap.parse_args()
     if not (DATA / "msd_spleen_8" / "image.nii.gz").is_file():
@@ -71,7 +73,7 @@ def main() -> None:
     for name in a.bundles:
         for preset in a.augment:
             extra = list(a.extra) + ([f"train.augment={preset}"] if preset else [])
-            row = run_one(name, extra, work)
+            row = run_one(name, extra, work, a.labels)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| bundle | overrides | train (s) | val Dice on the training scan | spleen Dice on msd_spleen_8 | HD95 (mm) | NSD 2 mm "

@@ -263,7 +263,8 @@ def plan(
     set_: SetOpt = None,
     budget: Annotated[str | None, typer.Option("--budget", help="Memory a training step may use, e.g. 24GB (default: plan.budget).")] = None,
     device: DeviceOpt = "auto",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the plan and the planned bundle as JSON.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the plan and the planned bundle as JSON; `medseg train FILE` trains that bundle.")] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace an existing --output file.")] = False,
 ) -> None:
     """Fingerprint a dataset and plan spacing, normalisation, ROI and batch size (what `medseg train`

@@ -59,12 +59,10 @@ _quiet_optional_codecs()
 
 
 def print_table(table) -> None:
-    """A rich table on stdout; in a pipe or a file (80 columns by default) it is printed as wide as it
-    needs, so class names are not cut to ``kidney_ri…`` in a log."""
-    if out.is_terminal:
-        out.print(table)
-    else:
-        Console(file=out.file, width=240).print(table)
+    """A rich table on stdout, as wide as it needs in a pipe or a file (see ``print_wide``)."""
+    from medseg.engine.progress import print_wide
+
+    print_wide(out, table)
 
 
 def path_arg(text: str | None, what: str):

@@ -43,8 +43,8 @@ class PhantomConfig:
 @dataclass
 class CTStats:
     """The foreground intensity statistics ``"ct"`` normalisation uses (nnU-Net's CT scheme): clip
-    to [low, high] (the foreground's 0.5 and 99.5 percentiles), then subtract ``mean`` and divide
-    by ``std`` (the clipped foreground's)."""
+    to [low, high] (the foreground's 0.5 and 99.5 percentiles, widened to cover ``hu_window``), then
+    subtract ``mean`` and divide by ``std`` (the foreground's)."""
 
     low: float
     high: float
@@ -67,7 +67,8 @@ class DataConfig:
     # Voxel size the volumes are resampled to (mm); "auto": planned from the data (see medseg/plan.py).
     spacing: list[float] | Literal["auto"] = field(default_factory=lambda: [1.5, 1.5, 2.0])
     # "window": clip to `hu_window`, scale to [0, 1] (the BTCV recipe). "ct": clip to the
-    # foreground's 0.5-99.5 percentiles, z-score with its mean/std (`ct_stats`; "auto": planned).
+    # foreground's 0.5-99.5 percentiles (at least `hu_window`), z-score with its mean/std
+    # (`ct_stats`; "auto": planned).
     normalization: Literal["window", "ct"] = "window"
     hu_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
     ct_stats: CTStats | Literal["auto"] = "auto"
@@ -123,11 +124,6 @@ class TrainConfig:
             return self.iterations_per_epoch
         return min(50, self.iterations) if self.iterations is not None else loader_len
 
-    def total_epochs(self, loader_len: int = 1) -> int:
-        if self.iterations is None:
-            return self.epochs
-        return -(-self.iterations // self.iterations_per_epoch_for(loader_len))
-
 
 @dataclass
 class SlidingWindowConfig:
@@ -135,6 +131,14 @@ class SlidingWindowConfig:
     sw_batch_size: int = 4
     overlap: float = 0.25
     mode: Literal["gaussian", "constant"] = "gaussian"
+
+
+@dataclass
+class PostprocessConfig:
+    # Classes (names from data.labels) reduced to their largest 26-connected component after
+    # inference, the rest set to background (nnU-Net's and TotalSegmentator's step for single
+    # organs). Leave out classes that are several pieces (vertebrae, ribs, lesions).
+    largest_component: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -161,6 +165,7 @@ class Bundle:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -209,6 +214,8 @@ def read_bundle_json(path: str | Path) -> dict[str, Any]:
         raise BundleError(f"cannot read bundle {p}: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise BundleError(f"bundle {p} must hold a JSON object at the top level")
+    if set(raw) == {"plan", "bundle"} and isinstance(raw["bundle"], dict):
+        return raw["bundle"]  # written by `medseg plan -o`: the planned bundle beside the plan's record
     return raw
 
 
@@ -343,6 +350,8 @@ def _check_values(b: Bundle) -> None:
     need(len(d.labels) > 0, "data.labels must name at least one class")
     need(len(set(d.labels)) == len(d.labels), "data.labels has a repeated name")
     need("background" not in d.labels, "data.labels must not list 'background': it is class 0 and implied")
+    unknown = [n for n in b.postprocess.largest_component if n not in d.labels]
+    need(not unknown, f"postprocess.largest_component: {', '.join(map(str, unknown))} not in data.labels ({', '.join(d.labels)})")
     need(d.spacing == "auto" or (len(d.spacing) == 3 and all(0.05 <= s <= 50 for s in d.spacing)),
          "data.spacing must be \"auto\" or 3 numbers between 0.05 and 50 (mm)")
     need(len(d.hu_window) == 2 and d.hu_window[0] < d.hu_window[1], "data.hu_window must be [low, high] with low < high")

@@ -12,7 +12,11 @@ each class's voxel count and volume. The plan derives:
   the others and fewer than a third as many voxels along it), that axis takes the 10th percentile of
   its spacings instead, as nnU-Net v2 does, so thin-slice cases are not thrown away.
 - **normalisation** ("ct"): clip to the 0.5 / 99.5 percentiles of the pooled foreground samples,
-  then z-score with the clipped samples' mean and standard deviation.
+  widened where needed to cover ``data.hu_window`` (default -175..250 HU), then z-score with the
+  foreground's mean and standard deviation. The widening is medseg's, not nnU-Net's: with a few
+  cases of one contrast phase the percentiles end where those cases' organs end (a non-contrast
+  spleen stops near 80 HU), and an enhanced organ in another scan (150-200 HU) would be clipped flat
+  into the bone range.
 - **ROI and batch size**: start from the median shape at the target spacing (each axis a multiple
   of what the model needs, at most ``plan.max_roi_voxels``), then shrink the axis that is largest
   relative to the median shape until medseg's memory estimator (``cost/memory.py``) says a training
@@ -193,10 +197,13 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[list[float
     return [round(float(s), 4) for s in target], note
 
 
-def ct_statistics(samples: np.ndarray) -> dict[str, float]:
+def ct_statistics(samples: np.ndarray, keep: tuple[float, float] = (-175.0, 250.0)) -> dict[str, float]:
+    """Clip range: the foreground's 0.5 / 99.5 percentiles, widened to cover ``keep`` (HU); mean
+    and std: the foreground's."""
     if samples.size < 2:
         raise MedsegError("cannot plan \"ct\" normalisation: the cases hold no voxels of the requested classes")
     low, high = np.percentile(samples, [0.5, 99.5])
+    low, high = min(low, keep[0]), max(high, keep[1])
     std = float(samples.std())  # of the foreground as sampled, as nnU-Net's CTNormalization
     return {"low": round(float(low), 3), "high": round(float(high), 3), "mean": round(float(samples.mean()), 3),
             "std": round(max(std, 1e-3), 3)}
@@ -246,12 +253,13 @@ def make_plan(fp: dict[str, Any], bundle: Bundle, device: str = "cpu") -> Plan:
             notes.append(note)
     else:
         spacing = list(bundle.data.spacing)
-    median = [float(v) for v in np.median(shapes * spacings / np.asarray(spacing), axis=0)]
-    samples = np.concatenate([np.asarray(c["samples"], dtype=np.float64) for c in cases])
+    resampled = shapes * spacings / np.asarray(spacing)  # each case's shape at the target spacing
+    median = [float(v) for v in np.median(resampled, axis=0)]
     stats: dict[str, float] = {}
     if bundle.data.normalization == "ct":
         given = bundle.data.ct_stats
-        stats = ct_statistics(samples) if given == "auto" else asdict(given)
+        samples = np.concatenate([np.asarray(c["samples"], dtype=np.float64) for c in cases])
+        stats = ct_statistics(samples, tuple(bundle.data.hu_window)) if given == "auto" else asdict(given)
 
     spec = get_spec(bundle.model.name)
     t = bundle.train
@@ -263,45 +271,17 @@ def make_plan(fp: dict[str, Any], bundle: Bundle, device: str = "cpu") -> Plan:
         return training_memory(spec.name, roi, batch * t.samples_per_volume, classes, bundle.model.args, amp,
                                t.grad_checkpointing, t).device_total
 
+    batch = 1 if t.batch_size == "auto" else int(t.batch_size)
     if t.roi == "auto":
-        two_d = spec.roi_multiple[2] == 1 and spec.min_roi[2] == 1  # a slice-wise model: one-voxel-deep patches
-        multiple = list(spec.roi_multiple)
-        lowest = [max(m, lo) for m, lo in zip(multiple, spec.min_roi)]
-        roi = [max(lo, _round_up(m, k)) for m, k, lo in zip(median, multiple, lowest)]
-        if two_d:  # in-slice steps of 16 voxels; one slice deep
-            multiple, lowest = [16, 16, 1], [max(16, lowest[0]), max(16, lowest[1]), 1]
-            roi = [_round_up(median[0], 16), _round_up(median[1], 16), 1]
-        while math.prod(roi) > bundle.plan.max_roi_voxels and (smaller := _shrink(roi, median, multiple, lowest)) is not None:
-            roi = smaller
-        batch = 1 if t.batch_size == "auto" else int(t.batch_size)
-        used = estimate(roi, batch)
-        fixed = None
-        while used > budget:
-            if fixed is None:
-                fixed = estimate(lowest, batch)  # what does not grow with the ROI (weights, optimiser)
-                if fixed > budget:
-                    raise MedsegError(f"{spec.display} does not fit plan.budget {_gb(budget)} even at ROI {lowest} "
-                                      f"(estimate {_gb(fixed)}); raise the budget, or use a smaller model")
-            # memory grows about linearly with the patch: aim straight at the size that should fit
-            per_voxel = max(1e-9, (used - fixed) / max(1, math.prod(roi) - math.prod(lowest)))
-            target_voxels = (budget - fixed) / per_voxel * 0.95 + math.prod(lowest)
-            smaller = _shrink(roi, median, multiple, lowest)
-            if smaller is None:
-                break
-            roi = smaller
-            while math.prod(roi) > target_voxels and (smaller := _shrink(roi, median, multiple, lowest)) is not None:
-                roi = smaller
-            used = estimate(roi, batch)
-        if used > budget:
-            raise MedsegError(f"no ROI for {spec.display} fits plan.budget {_gb(budget)}; raise the budget")
+        roi, used = _fit_roi(spec, median, batch, budget, bundle.plan.max_roi_voxels, estimate)
     else:
         roi = list(t.roi)
-        batch = 1 if t.batch_size == "auto" else int(t.batch_size)
         used = estimate(roi, batch) if t.batch_size == "auto" else 0  # nothing to fit: no trace (seconds for a big model)
     if t.batch_size == "auto":
-        dataset_voxels = float(np.sum(np.prod(shapes * spacings / np.asarray(spacing), axis=1)))
+        dataset_voxels = float(np.sum(np.prod(resampled, axis=1)))
         for candidate in (2, 4):
-            if candidate * t.samples_per_volume * math.prod(roi) > 0.05 * dataset_voxels and candidate > 1:
+            # nnU-Net's rule: one step's patches cover at most 5 % of the data; and never more volumes than cases
+            if candidate > len(cases) or candidate * t.samples_per_volume * math.prod(roi) > 0.05 * dataset_voxels:
                 break
             more = estimate(roi, candidate)
             if more > budget:
@@ -311,6 +291,41 @@ def make_plan(fp: dict[str, Any], bundle: Bundle, device: str = "cpu") -> Plan:
         notes.append(f"the given train.roi {roi} with batch {batch} needs {_gb(used)}, above plan.budget {_gb(budget)}")
     return Plan(spec.name, spacing, [int(round(m)) for m in median], stats, roi, batch, batch * t.samples_per_volume, budget, used,
                 device, notes, bundle.planned_fields(), fp.get("cached"), len(cases))
+
+
+def _fit_roi(spec, median: list[float], batch: int, budget: int, max_voxels: int, estimate) -> tuple[list[int], int]:
+    """The ROI: the median shape in the model's multiples, at most ``max_voxels``, then shrunk until
+    ``estimate(roi, batch)`` (bytes) fits ``budget``. Returns it with its estimate."""
+    two_d = spec.roi_multiple[2] == 1 and spec.min_roi[2] == 1  # a slice-wise model: one-voxel-deep patches
+    multiple = list(spec.roi_multiple)
+    lowest = [max(m, lo) for m, lo in zip(multiple, spec.min_roi)]
+    roi = [max(lo, _round_up(m, k)) for m, k, lo in zip(median, multiple, lowest)]
+    if two_d:  # in-slice steps of 16 voxels; one slice deep
+        multiple, lowest = [16, 16, 1], [max(16, lowest[0]), max(16, lowest[1]), 1]
+        roi = [_round_up(median[0], 16), _round_up(median[1], 16), 1]
+    while math.prod(roi) > max_voxels and (smaller := _shrink(roi, median, multiple, lowest)) is not None:
+        roi = smaller
+    used = estimate(roi, batch)
+    fixed = None
+    while used > budget:
+        if fixed is None:
+            fixed = estimate(lowest, batch)  # what does not grow with the ROI (weights, optimiser)
+            if fixed > budget:
+                raise MedsegError(f"{spec.display} does not fit plan.budget {_gb(budget)} even at ROI {lowest} "
+                                  f"(estimate {_gb(fixed)}); raise the budget, or use a smaller model")
+        # memory grows about linearly with the patch: aim straight at the size that should fit
+        per_voxel = max(1e-9, (used - fixed) / max(1, math.prod(roi) - math.prod(lowest)))
+        target_voxels = (budget - fixed) / per_voxel * 0.95 + math.prod(lowest)
+        smaller = _shrink(roi, median, multiple, lowest)
+        if smaller is None:
+            break
+        roi = smaller
+        while math.prod(roi) > target_voxels and (smaller := _shrink(roi, median, multiple, lowest)) is not None:
+            roi = smaller
+        used = estimate(roi, batch)
+    if used > budget:
+        raise MedsegError(f"no ROI for {spec.display} fits plan.budget {_gb(budget)}; raise the budget")
+    return roi, used
 
 
 def _torch_device(device: str):
@@ -354,9 +369,10 @@ def plan_rows(plan: Plan, fp: dict[str, Any]) -> list[tuple[str, str, str]]:
     if plan.ct_stats:
         s = plan.ct_stats
         rows.append(("normalisation", f"ct: clip {s['low']:g}..{s['high']:g} HU, z-score mean {s['mean']:g} std {s['std']:g}",
-                     how("data.ct_stats", "foreground 0.5 / 99.5 percentiles")))
+                     how("data.ct_stats", "foreground 0.5 / 99.5 percentiles, at least data.hu_window")))
     rows += [
-        ("ROI", " x ".join(str(r) for r in plan.roi), how("train.roi", f"median shape, shrunk to fit {_gb(plan.budget_bytes)}")),
+        ("ROI", " x ".join(str(r) for r in plan.roi),
+         how("train.roi", f"median shape, within plan.max_roi_voxels and plan.budget {_gb(plan.budget_bytes)}")),
         ("batch", f"{plan.batch_size} volume(s) x patches = {plan.patches_per_step} per step", how("train.batch_size", "fits the budget")),
         ("memory estimate", f"{_gb(plan.estimate_bytes)} of {_gb(plan.budget_bytes)}" if plan.estimate_bytes else "not needed",
          f"medseg memory, training step on {plan.device}" if plan.estimate_bytes else "ROI and batch given; see medseg memory"),

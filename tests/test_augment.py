@@ -11,6 +11,8 @@ from medseg.data.augment import NAMES, crop_size, probabilities, spatial_and_int
 from medseg.engine.state import lr_at, new_schedule
 from medseg.errors import BundleError
 
+HU_MAP = (-175.0, 250.0, -3.5, 5.0)  # "ct": clip -175..250 HU, z-score with mean 0 HU, std 50 HU
+
 
 def patch(shape, seed=0):
     rng = np.random.default_rng(seed)
@@ -28,7 +30,7 @@ def test_strong_preset_returns_roi_sized_patches_with_valid_labels(roi):
     p = probabilities("strong", {n: 1.0 for n in NAMES if n not in ("flip", "rot90", "shift")})  # every transform fires
     crop = crop_size(roi, p)
     assert all(c >= r for c, r in zip(crop, roi)) and crop[2] == (1 if roi[2] == 1 else crop[2])
-    chain = Compose(spatial_and_intensity(roi, p, ["liver", "spleen"], "ct"))
+    chain = Compose(spatial_and_intensity(roi, p, ["liver", "spleen"], "ct", HU_MAP))
     chain.set_random_state(seed=1)
     for seed in range(3):
         out = chain(patch(crop, seed))
@@ -46,7 +48,7 @@ def test_image_and_label_move_together(roi):
 
     p = {"rotate_scale": 1.0, "mirror": 1.0}
     crop = crop_size(roi, p)
-    chain = Compose(spatial_and_intensity(roi, p, ["liver", "spleen"], "ct"))
+    chain = Compose(spatial_and_intensity(roi, p, ["liver", "spleen"], "ct", HU_MAP))
     chain.set_random_state(seed=3)
     moved = 0
     for seed in range(4):
@@ -60,12 +62,39 @@ def test_image_and_label_move_together(roi):
     assert moved >= 3  # the label was really transformed, not just centre-cropped
 
 
+def test_enhance_shifts_soft_tissue_and_each_class_by_its_own_offset():
+    """A hand-made patch in HU: air, fat, muscle (unlabelled), two organs and bone. Enhancement must
+    leave air, fat and bone alone, move the muscle by one tissue offset, each organ by that plus its
+    own offset (within the documented ranges), and sometimes swap which organ is brighter."""
+    from medseg.data.enhance import RandContrastPhased
+
+    lo, hi, a, b = HU_MAP
+    to_input = lambda hu: a + (hu - lo) * (b - a) / (hi - lo)  # noqa: E731
+    to_hu = lambda v: lo + (v - a) * (hi - lo) / (b - a)  # noqa: E731
+    hu = torch.tensor([-1000.0, -120.0, 45.0, 35.0, 46.0, 700.0]).reshape(1, 6, 1, 1)
+    label = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0, 0.0]).reshape(1, 6, 1, 1)
+    image = torch.clamp(to_input(hu), a, b)
+    t = RandContrastPhased(1.0, 2, HU_MAP)
+    t.set_random_state(seed=0)
+    swapped = 0
+    for _ in range(20):
+        out = to_hu(t({"image": image.clone(), "label": label})["image"]).flatten()
+        assert torch.allclose(out[[0, 1, 5]], torch.tensor([lo, -120.0, hi]), atol=1e-3)  # air, fat, bone
+        tissue = out[2] - 45.0
+        organ1, organ2 = out[3] - 35.0 - tissue, out[4] - 46.0 - tissue
+        assert 0 <= tissue <= 50 and 0 <= organ1 <= 150 and 0 <= organ2 <= 150
+        swapped += int(out[3] > out[4])
+    assert 0 < swapped < 20  # organ 1 (darker at first) ends up brighter in some draws, not all
+    with pytest.raises(ValueError, match="intensity map"):
+        spatial_and_intensity([32, 32, 32], {"enhance": 1.0}, ["liver"], "ct")
+
+
 def test_left_right_mirroring_is_left_out_for_sided_classes():
     from monai.transforms import RandFlipd, RandRotate90d
 
     p = probabilities("strong") | probabilities("light")
-    sided = spatial_and_intensity([32, 32, 32], p, ["kidney_left", "kidney_right"], "window")
-    plain = spatial_and_intensity([32, 32, 32], p, ["liver", "spleen"], "window")
+    sided = spatial_and_intensity([32, 32, 32], p, ["kidney_left", "kidney_right"], "window", HU_MAP)
+    plain = spatial_and_intensity([32, 32, 32], p, ["liver", "spleen"], "window", HU_MAP)
     flips = lambda steps: sorted(t.flipper.spatial_axis for t in steps if isinstance(t, RandFlipd))  # noqa: E731
     assert [0] not in flips(sided) and [0] in flips(plain)
     assert not any(isinstance(t, RandRotate90d) for t in sided) and any(isinstance(t, RandRotate90d) for t in plain)
@@ -95,11 +124,11 @@ def test_warmup_then_decay_by_hand():
 
 def test_iterations_set_the_length():
     t = load_bundle(None, ["train.iterations=120", "train.iterations_per_epoch=50"]).train
-    assert t.total_epochs() == 3 and t.iterations_per_epoch_for(7) == 50
+    assert t.iterations_per_epoch_for(7) == 50  # the epoch count is checked end to end below (7 steps in 3 epochs)
     t = load_bundle(None, ["train.iterations=30"]).train
-    assert t.total_epochs() == 1 and t.iterations_per_epoch_for(7) == 30
+    assert t.iterations_per_epoch_for(7) == 30
     t = load_bundle(None, ["train.epochs=4"]).train
-    assert t.total_epochs() == 4 and t.iterations_per_epoch_for(7) == 7
+    assert t.iterations is None and t.iterations_per_epoch_for(7) == 7
 
 
 def test_grad_clip_and_sgd_train(workdir):

@@ -24,10 +24,11 @@ def test_shipped_bundles_share_one_protocol():
         b = load_bundle(BUNDLES[0].parent / f"{name}.json")
         fields = (b.data.labels, b.data.spacing, b.data.normalization, b.data.ct_stats, b.train.sampling, b.train.augment,
                   b.train.loss, b.train.optimizer, b.train.scheduler, b.train.warmup, b.train.grad_clip,
-                  b.sliding_window.overlap, b.sliding_window.mode)
+                  b.sliding_window.overlap, b.sliding_window.mode, b.postprocess.largest_component)
         assert protocol is None or fields == protocol, name
         protocol = fields
         assert b.data.normalization == "ct" and b.data.ct_stats == "auto" and b.train.augment == "strong"
+        assert b.postprocess.largest_component == b.data.labels  # single organs each
         assert b.train.iterations is not None and b.train.lr in (2e-3, 5e-4)
 
 
@@ -58,6 +59,7 @@ def test_overrides_parse_json_else_string():
         ("data.labels=[]", "data.labels must name at least one class"),
         ("data.labels=[\"background\",\"liver\"]", "must not list 'background'"),
         ("sliding_window.overlap=1.0", "sliding_window.overlap must be in [0, 1)"),
+        ('postprocess.largest_component=["livr"]', "postprocess.largest_component: livr not in data.labels"),
         ("train", "must look like section.key=value"),
     ],
 )

@@ -560,3 +560,41 @@ def test_a_scan_that_is_not_ct_gets_a_note(threshold_run):
     assert any("does not look like CT" in n for n in predictor(label_as_scan).notes)
     air = nib.Nifti1Image(np.full((40, 40, 20), -1000, np.int16), np.diag([3.0, 3.0, 3.0, 1.0]))
     assert any("nothing in this scan is brighter" in n for n in predictor(air).notes)
+
+
+def test_largest_component_keeps_one_piece_per_listed_class():
+    from medseg.engine.postprocess import keep_largest_component
+
+    labels = np.zeros((20, 20, 20), dtype=np.uint8)
+    labels[2:8, 2:8, 2:8] = 1  # 216 voxels
+    labels[8, 8, 8] = 1  # touches the big block at a corner only: 26-connected, kept
+    labels[15:17, 15:17, 15:17] = 1  # 8 voxels apart: removed
+    labels[12:14, 2:4, 2:4] = 2  # class 2 in two pieces, not listed: untouched
+    labels[12:14, 15:17, 15:17] = 2
+    before2 = (labels == 2).sum()
+    assert keep_largest_component(labels, [1, 3]) == {1: 8}
+    assert (labels == 1).sum() == 217 and labels[15, 15, 15] == 0 and labels[8, 8, 8] == 1
+    assert (labels == 2).sum() == before2
+
+
+def test_infer_applies_postprocess_largest_component(threshold_run):
+    """A scan with a large and a small bright block: both are segmented as shipped; with the class in
+    postprocess.largest_component only the large one is, the small one's voxels are background, and
+    the note says how many voxels went."""
+    hu = np.full((48, 48, 24), -100, dtype=np.int16)
+    hu[5:25, 5:25, 4:16] = 400
+    hu[38:44, 38:44, 16:22] = 400
+    img = nib.Nifti1Image(hu, np.diag([2.0, 2.0, 2.5, 1.0]))
+    plain = Predictor(threshold_run, device="cpu")(img)
+    seg = np.asarray(plain.labels.dataobj)
+    assert seg[40, 40, 18] == 1 and seg[15, 15, 10] == 1
+    bundle = json.loads((threshold_run / "bundle.json").read_text())
+    bundle["postprocess"] = {"largest_component": ["bright"]}
+    (threshold_run / "bundle.json").write_text(json.dumps(bundle))
+    post = Predictor(threshold_run, device="cpu")(img)
+    kept = np.asarray(post.labels.dataobj)
+    assert kept[40, 40, 18] == 0 and kept[15, 15, 10] == 1
+    assert np.array_equal(kept, np.where(np.arange(48)[:, None, None] < 30, seg, 0))  # the big block's labels unchanged
+    small = int(seg.sum() - kept.sum())
+    assert small > 0 and any(f"bright {small}" in n for n in post.notes)
+    assert post.volume_ml["bright"] == pytest.approx(kept.sum() * 2 * 2 * 2.5 / 1000, abs=1e-3)

@@ -59,9 +59,12 @@ def fp_and_plan(bundle):
 
 def test_plan_spacing_statistics_and_roi_by_hand(tmp_path):
     folder = write_dataset(tmp_path / "d", [(1.0, 1.0, 2.0), (1.0, 1.0, 2.0), (2.0, 2.0, 2.0)])
-    fp, plan = fp_and_plan(planned_bundle(folder))
+    # a narrow data.hu_window leaves the percentiles as they are
+    fp, plan = fp_and_plan(planned_bundle(folder, data__hu_window=[50, 150]))
     assert plan.spacing == [1.0, 1.0, 2.0]  # the median per axis
     assert plan.ct_stats == {"low": 0.0, "high": 200.0, "mean": 100.0, "std": 100.0}
+    # the default window (-175..250 HU) widens the clip on both sides; mean and std stay the foreground's
+    assert make_plan(fp, planned_bundle(folder), "cpu").ct_stats == {"low": -175.0, "high": 250.0, "mean": 100.0, "std": 100.0}
     # median shape at 1x1x2 mm: (40, 32, 20) for two cases and (80, 64, 20) for the third -> 40 x 32 x 20;
     # V-Net: multiples of 16, at least 32 -> 48 x 32 x 32
     assert plan.median_shape == [40, 32, 20]
@@ -71,7 +74,7 @@ def test_plan_spacing_statistics_and_roi_by_hand(tmp_path):
     assert c["classes"]["organ"]["voxels"] == 20 * 16 * 10
     assert c["classes"]["organ"]["ml"] == pytest.approx(20 * 16 * 10 * 2.0 / 1000, abs=0.01)
 
-    planned = apply_plan(planned_bundle(folder), plan)
+    planned = apply_plan(planned_bundle(folder, data__hu_window=[50, 150]), plan)
     assert planned.data.spacing == [1.0, 1.0, 2.0] and planned.train.roi == [48, 32, 32]
     assert planned.data.ct_stats == CTStats(low=0.0, high=200.0, mean=100.0, std=100.0)
     assert planned.planned_fields() == []
@@ -183,3 +186,24 @@ def test_partial_ct_stats_and_edited_runs_are_refused(tmp_path):
         load_bundle(None, ["data.normalization=ct", 'data.ct_stats={"low": -100}'])
     with pytest.raises(BundleError, match="did you mean 'auto'"):
         load_bundle(None, ["data.spacing=Auto"])
+
+
+def test_plan_command_writes_a_bundle_that_trains_as_planned(tmp_path, cli):
+    """`medseg plan DATA -o FILE`: the file records the plan, and `load_bundle(FILE)` (what `medseg
+    train FILE` reads) is the planned bundle with concrete values; a bad -o is refused before work."""
+    folder = write_dataset(tmp_path / "d", [(1.0, 1.0, 2.0), (1.0, 1.0, 2.0), (2.0, 2.0, 2.0)])
+    bundle_file = tmp_path / "b.json"
+    bundle_file.write_text(json.dumps(planned_bundle(folder, data__hu_window=[50, 150]).to_dict()))
+    out = tmp_path / "planned.json"
+    res = cli("plan", "--bundle", bundle_file, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "48 x 32 x 32" in res.output and "0..200 HU" in res.output  # the hand-checked plan above
+    record = json.loads(out.read_text())
+    assert record["plan"]["roi"] == [48, 32, 32]
+    planned = load_bundle(out)
+    assert planned.train.roi == [48, 32, 32] and planned.data.spacing == [1.0, 1.0, 2.0]
+    assert planned.data.ct_stats == CTStats(low=0.0, high=200.0, mean=100.0, std=100.0) and planned.planned_fields() == []
+    again = cli("plan", "--bundle", bundle_file, "-o", out)
+    assert again.exit_code != 0 and "exists" in again.output
+    bad = cli("plan", "--bundle", bundle_file, "-o", tmp_path / "plan.txt")
+    assert bad.exit_code != 0 and "ending in .json" in bad.output and not (tmp_path / "plan.txt").exists()

@@ -137,7 +137,7 @@ def train_transforms(bundle: Bundle, lut: np.ndarray) -> Compose:
                 num_samples=t.samples_per_volume, image_key="image", image_threshold=body_threshold(bundle), warn=False,
             )
         )
-    steps += spatial_and_intensity(t.roi, p, bundle.data.labels, bundle.data.normalization)
+    steps += spatial_and_intensity(t.roi, p, bundle.data.labels, bundle.data.normalization, intensity_map(bundle))
     if crop != list(t.roi):  # every patch leaves at the ROI, whether or not it was rotated
         steps.append(CenterSpatialCropd(keys=keys, roi_size=t.roi))
     return Compose(steps)

@@ -119,6 +119,7 @@ class Predictor:
         grids = Grids(tuple(x.shape[2:]), model_affine, crop, tuple(int(s) for s in image.shape[:3]), image.affine)  # type: ignore[arg-type]
         del x, xc
         labels, probs = to_input_grid(result, grids, resample, n, probabilities=probabilities, device=self.device)
+        post_note = self._postprocess(labels)
         if keep is not None:
             labels[~np.isin(labels, [0, *keep])] = 0
         names = {k: v for k, v in self.names.items() if keep is None or k == 0 or k in keep}
@@ -130,7 +131,21 @@ class Predictor:
         counts = np.bincount(labels.ravel(), minlength=n)
         volume = {names[k]: round(float(counts[k]) * voxel_ml, 3) for k in names if k != 0}
         return Segmentation(_like(image, labels), names, prob_img, result.method, time.time() - t0, volume, resample,
-                            [n for n in (ct_note, note) if n])
+                            [n for n in (ct_note, note, post_note) if n])
+
+    def _postprocess(self, labels: np.ndarray) -> str | None:
+        """``postprocess.largest_component``, in place; a note when it removed anything."""
+        wanted = self.bundle.postprocess.largest_component
+        if not wanted:
+            return None
+        from medseg.engine.postprocess import keep_largest_component
+
+        by_name = {v: k for k, v in self.names.items()}
+        removed = keep_largest_component(labels, [by_name[name] for name in wanted])
+        if not removed:
+            return None
+        parts = ", ".join(f"{self.names[v]} {n}" for v, n in removed.items())
+        return f"largest connected component kept (postprocess.largest_component); voxels removed: {parts}"
 
     def class_subset(self, classes: list[str] | None) -> list[int] | None:
         """The label values of ``classes`` (names), or None for all; unknown names are an error."""

@@ -15,6 +15,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def print_wide(console: Console, table) -> None:
+    """Print a rich table; in a pipe or a file (80 columns by default) as wide as it needs, so class
+    names and paths are not cut to ``kidney_ri…`` in a log."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(file=console.file, width=240).print(table)
+
+
 def _clock(seconds: float) -> str:
     if seconds != seconds or seconds == float("inf"):
         return "?"

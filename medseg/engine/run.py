@@ -51,7 +51,7 @@ RESUMABLE_KEYS = (
     "train.epochs", "train.iterations", "train.iterations_per_epoch", "train.scheduler", "train.lr", "train.val_interval",
     "train.checkpoint_every",
     "data.num_workers", "data.cache",
-    "sliding_window.sw_batch_size", "sliding_window.overlap", "sliding_window.mode",
+    "sliding_window.sw_batch_size", "sliding_window.overlap", "sliding_window.mode", "postprocess",
     "tracking.backend",
 )
 
@@ -383,16 +383,24 @@ class Run:
                               "its checkpoint cannot be resumed: start a new run (inference still reads it)")
         old = flatten(self.bundle.to_dict())
         new = flatten(bundle.to_dict())
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k, UNSET) != new.get(k, UNSET)
+                         and not (old.get(k, UNSET) in ({}, UNSET) and new.get(k, UNSET) in ({}, UNSET)))  # {} -> filled in
         refused = [k for k in changed if not any(k == a or k.startswith(a + ".") for a in RESUMABLE_KEYS)]
         if refused:
             k = refused[0]
             more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-            raise MedsegError(f"cannot resume {self.path.name} with {k} changed ({old.get(k)!r} -> {new.get(k)!r}){more}: "
+            raise MedsegError(f"cannot resume {self.path.name} with {k} changed ({old.get(k, UNSET)!r} -> {new.get(k, UNSET)!r}){more}: "
                               f"the checkpoint was trained with the old value. A resume may change only "
                               f"{', '.join(RESUMABLE_KEYS[1:])}; start a new run for anything else")
-        return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+        return [f"{k}: {old.get(k, UNSET)!r} -> {new.get(k, UNSET)!r}" for k in changed]
 
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "unset"
+
+
+UNSET = _Unset()
 
 OWN_FILES = {RUN_FILE, "bundle.json", "plan.json", "labels.json", "splits.json", CHECKPOINT, BEST, "metrics.csv", "model_summary.txt", ".lock"}
 

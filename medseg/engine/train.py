@@ -153,8 +153,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
             notes.append("data.num_workers changed: the augmentation stream is seeded per worker, so this run stays valid but "
                          "is no longer bit-identical to an uninterrupted one")
         ckpt = run.checkpoint()
-        n_epochs = t.total_epochs()
-        finished = ckpt is not None and (ckpt["step"] >= t.iterations if t.iterations is not None else ckpt["epoch"] >= n_epochs)
+        finished = ckpt is not None and (ckpt["step"] >= t.iterations if t.iterations is not None else ckpt["epoch"] >= t.epochs)
         if finished:
             if run.status == "complete":
                 length = (f"{ckpt['step']} steps; raise train.iterations" if t.iterations is not None
@@ -164,7 +163,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
         if ckpt is None:
             notes.append(f"{run.path.name} has no checkpoint (it stopped before its first one): training it from the start")
         elif not finished:
-            goal = f"step {t.iterations}" if t.iterations is not None else f"epoch {n_epochs}"
+            goal = f"step {t.iterations}" if t.iterations is not None else f"epoch {t.epochs}"
             where = f"epoch {ckpt['epoch'] + 1}, after iteration {ckpt['iteration']}" if ckpt["iteration"] else f"epoch {ckpt['epoch'] + 1}"
             notes.append(f"resuming {run.path.name} at {where} (step {ckpt['step']}), up to {goal}")
     elif run_dir is not None and (Path(run_dir) / "run.json").exists():
@@ -253,6 +252,7 @@ def _plan(bundle: Bundle, root, lut, cases, dev, console: Console | None, progre
 def print_plan(console: Console, plan, fp) -> None:
     from rich.table import Table
 
+    from medseg.engine.progress import print_wide
     from medseg.plan import plan_rows
 
     table = Table(title=f"plan for {plan.model} ({', '.join(plan.filled) or 'nothing on auto'})", title_justify="left")
@@ -260,8 +260,7 @@ def print_plan(console: Console, plan, fp) -> None:
         table.add_column(col)
     for row in plan_rows(plan, fp):
         table.add_row(*(escape(c) for c in row))
-    # in a log or a pipe, as wide as it needs (paths are not cut to "..."), as cli_common.print_table
-    (console if console.is_terminal else Console(file=console.file, width=240)).print(table)
+    print_wide(console, table)
     for note in plan.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
 
@@ -318,7 +317,6 @@ class _Session:
         self.loader = DataLoader(self.train_ds, batch_size=t.batch_size, shuffle=True, num_workers=bundle.data.num_workers,
                                  generator=self.generator, pin_memory=dev.type == "cuda")
         self.iters = t.iterations_per_epoch_for(len(self.loader))
-        self.n_epochs = t.total_epochs(len(self.loader))
         self.mode = mode
         self.n_val = len(val_cases)
         # position and history
@@ -327,6 +325,7 @@ class _Session:
         self.epoch_seconds = 0.0
         self.best, self.best_epoch = float("-inf"), 0
         self.history: list[dict[str, Any]] = []
+        self.n_epochs = self.count_epochs()
         self.schedule = new_schedule(t.scheduler, t.lr, self.step_total(), t.warmup)
         self.notes: list[str] = []
         if t.warmup >= self.step_total():
@@ -369,6 +368,7 @@ class _Session:
         return max(0, min(self.iters, self.t.iterations - (self.step - self.iteration)))
 
     def count_epochs(self) -> int:
+        """Epochs when the run is done, counted from the current position (fresh or resumed)."""
         if self.t.iterations is None:
             return self.t.epochs
         left = max(0, self.t.iterations - (self.step - self.iteration))  # from the start of the current epoch
