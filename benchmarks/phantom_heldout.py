@@ -78,7 +78,7 @@ def main() -> None:
     from medseg.data.phantom import write_phantom
 
     work = a.work or Path(tempfile.mkdtemp(prefix="medseg-phantom-"))
-    heldout = work / "heldout"
+    heldout = work / f"heldout-seed{a.seed}-{a.cases}cases"
     if not (heldout / "dataset.json").is_file():
         write_phantom(heldout, a.cases, a.seed)
     truth = true_volumes(heldout)

@@ -6,7 +6,7 @@
     python benchmarks/real_ct.py --bundles fcn2d --set train.iterations=200
 
 For each bundle: the shipped recipe with the data pointed at the real scan (labels: spleen, liver,
-kidneys, stomach from TotalSegmentator's codes), trained with ``medseg train``'s API, then
+kidneys, stomach from TotalSegmentator's codes, each kept to its largest connected component), trained with ``medseg train``'s API, then
 ``medseg infer`` and ``medseg evaluate``'s code on msd_spleen_8. Prints one markdown row per run:
 training wall time, spleen Dice / HD95 / NSD on msd_spleen_8, and the predicted organ volumes beside
 the true spleen volume (a 3-litre "liver" on a scan that shows only the spleen's slab is a failure
@@ -37,7 +37,8 @@ def run_one(name: str, extra: list[str], work: Path, labels: list[str] = LABELS)
     from medseg.engine.train import train
 
     overrides = [f"data.source={DATA / 'ct_abdomen_3mm'}", f"data.source_labels={DATA / 'totalseg_v2_labels.json'}",
-                 f"data.labels={json.dumps(labels)}", f"postprocess.largest_component={json.dumps(labels)}", "data.val_fraction=0", "tracking.backend=none", *extra]
+                 f"data.labels={json.dumps(labels)}",
+                 f"postprocess.largest_component={json.dumps(labels)}", "data.val_fraction=0", "tracking.backend=none", *extra]
     bundle = load_bundle(ROOT / "bundles" / f"{name}.json", overrides)
     t0 = time.time()
     result = train(bundle, runs_root=work / "runs", progress="plain")
@@ -51,7 +52,9 @@ def run_one(name: str, extra: list[str], work: Path, labels: list[str] = LABELS)
     gt = nib.load(DATA / "msd_spleen_8" / "label.nii.gz")
     true_ml = float((np.asarray(gt.dataobj) == 1).sum() * np.prod(gt.header.get_zooms()[:3]) / 1000)
     spleen = report.mean["spleen"]
-    return {"bundle": name, "overrides": extra if labels == LABELS else [f"labels: {' '.join(labels)}", *extra], "train_s": round(seconds), "train_val_dice": round(result.best_dice, 3),
+    # the overrides column: what differs from the benchmark's default recipe (postprocess always follows the labels)
+    shown = extra if labels == LABELS else [f"labels (each post-processed): {' '.join(labels)}", *extra]
+    return {"bundle": name, "overrides": shown, "train_s": round(seconds), "train_val_dice": round(result.best_dice, 3),
             "spleen_dice": round(spleen["dice"], 3), "spleen_hd95_mm": round(spleen["hd95_mm"], 1), "spleen_nsd": round(spleen["nsd"], 3),
             "true_spleen_ml": round(true_ml), "predicted_ml": {k: round(v) for k, v in sidecar["volume_ml"].items()},
             "run": str(result.run_dir)}

@@ -147,6 +147,9 @@ def infer(
                                           "memory) or auto (linear unless its buffer would be large).")] = "auto",
     series: Annotated[str | None, typer.Option("--series", metavar="UID", help="DICOM series to read from a folder holding several.")] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite existing outputs (never the input).")] = False,
+    postprocess: Annotated[bool, typer.Option("--postprocess/--no-postprocess",
+                                              help="Keep the largest connected component of the classes the run's bundle lists "
+                                              "(postprocess.largest_component).")] = True,
 ) -> None:
     """Segment a CT scan (or a folder of scans); the label map keeps the scan's own geometry.
 
@@ -166,7 +169,7 @@ def infer(
     check_outputs(plan, wanted_outputs(save_probabilities, preview), force)  # before any work, not after the first case
     made_folder = plan.batch and output is not None and not output.exists()
     predictor = Predictor(run, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, method=window,
-                          checkpoint=checkpoint, resample=resample)
+                          checkpoint=checkpoint, resample=resample, postprocess=postprocess)
     predictor.class_subset(classes)  # an unknown name fails before the first case
     names = ", ".join(list(predictor.names.values())[1:])
     err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {names})", soft_wrap=True, highlight=False)
@@ -274,7 +277,7 @@ def plan(
     from medseg.config import bundle_from_dict, load_bundle
     from medseg.data.datasets import prepare
     from medseg.engine.device import resolve_device
-    from medseg.engine.train import print_plan
+    from medseg.engine.train import print_plan, resolve_paths
     from medseg.plan import apply_plan, fingerprint, make_plan
 
     overrides = list(set_ or [])
@@ -307,7 +310,7 @@ def plan(
     if output is not None:
         from medseg.data.io import write_text_atomic
 
-        planned = apply_plan(cfg, result)
+        planned = resolve_paths(apply_plan(cfg, result))  # absolute data paths: trainable from any folder
         try:
             write_text_atomic(output, json.dumps({"plan": result.as_dict(), "bundle": planned.to_dict()}, indent=2) + "\n")
         except OSError as e:

@@ -137,8 +137,17 @@ class SlidingWindowConfig:
 class PostprocessConfig:
     # Classes (names from data.labels) reduced to their largest 26-connected component after
     # inference, the rest set to background (nnU-Net's and TotalSegmentator's step for single
-    # organs). Leave out classes that are several pieces (vertebrae, ribs, lesions).
+    # organs). Leave out classes that are several pieces (vertebrae, ribs, lesions). Names that are
+    # not in data.labels are skipped with a note (a shipped bundle trained on fewer classes).
     largest_component: list[str] = field(default_factory=list)
+
+    def unknown(self, labels: list[str]) -> str | None:
+        """A note naming listed classes that are not in ``labels`` (they are skipped), or None."""
+        missing = [n for n in self.largest_component if n not in labels]
+        if not missing:
+            return None
+        return (f"postprocess.largest_component: {', '.join(missing)} not in data.labels ({', '.join(labels)}); "
+                "skipped")
 
 
 @dataclass
@@ -350,8 +359,9 @@ def _check_values(b: Bundle) -> None:
     need(len(d.labels) > 0, "data.labels must name at least one class")
     need(len(set(d.labels)) == len(d.labels), "data.labels has a repeated name")
     need("background" not in d.labels, "data.labels must not list 'background': it is class 0 and implied")
-    unknown = [n for n in b.postprocess.largest_component if n not in d.labels]
-    need(not unknown, f"postprocess.largest_component: {', '.join(map(str, unknown))} not in data.labels ({', '.join(d.labels)})")
+    for name in b.postprocess.largest_component:  # a near miss of a class is a typo; other names are skipped (a note)
+        close = difflib.get_close_matches(name, [n for n in d.labels if n != name], n=1, cutoff=0.8) if name not in d.labels else []
+        need(not close, f"postprocess.largest_component: {name!r} is not in data.labels; did you mean {close[0]!r}?" if close else "")
     need(d.spacing == "auto" or (len(d.spacing) == 3 and all(0.05 <= s <= 50 for s in d.spacing)),
          "data.spacing must be \"auto\" or 3 numbers between 0.05 and 50 (mm)")
     need(len(d.hu_window) == 2 and d.hu_window[0] < d.hu_window[1], "data.hu_window must be [low, high] with low < high")

@@ -63,28 +63,42 @@ def test_image_and_label_move_together(roi):
 
 
 def test_enhance_shifts_soft_tissue_and_each_class_by_its_own_offset():
-    """A hand-made patch in HU: air, fat, muscle (unlabelled), two organs and bone. Enhancement must
-    leave air, fat and bone alone, move the muscle by one tissue offset, each organ by that plus its
-    own offset (within the documented ranges), and sometimes swap which organ is brighter."""
+    """A hand-made patch in HU: air, fat, muscle (unlabelled), two organs, bone, and voxels on the
+    two fades (-65 HU and 200 HU: half weight) and near the top of the clip (240 HU). Enhancement
+    must leave air, fat and bone alone, move the muscle by one tissue offset, each organ by that plus
+    its own offset (within the documented ranges), the fade voxels by half of theirs, clip at the
+    top, and sometimes swap which organ is brighter; at probability 0 it changes nothing."""
     from medseg.data.enhance import RandContrastPhased
 
     lo, hi, a, b = HU_MAP
     to_input = lambda hu: a + (hu - lo) * (b - a) / (hi - lo)  # noqa: E731
     to_hu = lambda v: lo + (v - a) * (hi - lo) / (b - a)  # noqa: E731
-    hu = torch.tensor([-1000.0, -120.0, 45.0, 35.0, 46.0, 700.0]).reshape(1, 6, 1, 1)
-    label = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0, 0.0]).reshape(1, 6, 1, 1)
+    #                 air     fat    muscle organ1 organ2 bone  fade-  fade+  top (organ 2)
+    hu = torch.tensor([-1000.0, -120.0, 45.0, 35.0, 46.0, 700.0, -65.0, 200.0, 240.0]).reshape(1, 9, 1, 1)
+    label = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 2.0]).reshape(1, 9, 1, 1)
     image = torch.clamp(to_input(hu), a, b)
     t = RandContrastPhased(1.0, 2, HU_MAP)
     t.set_random_state(seed=0)
     swapped = 0
     for _ in range(20):
-        out = to_hu(t({"image": image.clone(), "label": label})["image"]).flatten()
-        assert torch.allclose(out[[0, 1, 5]], torch.tensor([lo, -120.0, hi]), atol=1e-3)  # air, fat, bone
+        out = to_hu(t({"image": image.clone(), "label": label})["image"]).flatten().tolist()
+        assert [out[0], out[1], out[5]] == pytest.approx([lo, -120.0, hi], abs=1e-3)  # air, fat, bone
         tissue = out[2] - 45.0
         organ1, organ2 = out[3] - 35.0 - tissue, out[4] - 46.0 - tissue
         assert 0 <= tissue <= 50 and 0 <= organ1 <= 150 and 0 <= organ2 <= 150
+        assert out[6] - (-65.0) == pytest.approx(tissue / 2, abs=1e-3)  # halfway up the fat fade
+        assert out[7] - 200.0 == pytest.approx(tissue / 2, abs=1e-3)  # halfway down the bone fade
+        top = 240.0 + 0.1 * (tissue + organ2)  # 240 HU: weight 0.1
+        assert out[8] == pytest.approx(min(hi, top), abs=1e-3)
         swapped += int(out[3] > out[4])
     assert 0 < swapped < 20  # organ 1 (darker at first) ends up brighter in some draws, not all
+    clipped = RandContrastPhased(1.0, 2, HU_MAP)
+    clipped.offsets = np.array([50.0, 150.0, 150.0])
+    clipped.randomize = lambda data=None: setattr(clipped, "_do_transform", True)  # keep the offsets set above
+    big = torch.clamp(to_input(torch.tensor([230.0]).reshape(1, 1, 1, 1)), a, b)
+    assert to_hu(clipped({"image": big, "label": torch.full_like(big, 2.0)})["image"]).item() == pytest.approx(hi, abs=1e-3)
+    off = RandContrastPhased(0.0, 2, HU_MAP)
+    assert torch.equal(off({"image": image.clone(), "label": label})["image"], image)
     with pytest.raises(ValueError, match="intensity map"):
         spatial_and_intensity([32, 32, 32], {"enhance": 1.0}, ["liver"], "ct")
 

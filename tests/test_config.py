@@ -32,6 +32,15 @@ def test_shipped_bundles_share_one_protocol():
         assert b.train.iterations is not None and b.train.lr in (2e-3, 5e-4)
 
 
+def test_postprocess_classes_missing_from_the_labels_are_a_note_not_an_error():
+    """The README trains a shipped bundle on other classes: its post-processing list then names
+    classes the run does not have; they are skipped with a note naming them."""
+    b = load_bundle(BUNDLES[0].parent / "unetr.json", ['data.labels=["liver","spleen","stomach"]'])
+    note = b.postprocess.unknown(b.data.labels)
+    assert note is not None and "kidney_right, kidney_left not in data.labels" in note
+    assert load_bundle(BUNDLES[0].parent / "unetr.json").postprocess.unknown(["liver", "spleen", "kidney_right", "kidney_left"]) is None
+
+
 def test_overrides_parse_json_else_string():
     assert parse_override("train.epochs=2") == (["train", "epochs"], 2)
     assert parse_override("data.labels=[\"liver\"]") == (["data", "labels"], ["liver"])
@@ -59,7 +68,8 @@ def test_overrides_parse_json_else_string():
         ("data.labels=[]", "data.labels must name at least one class"),
         ("data.labels=[\"background\",\"liver\"]", "must not list 'background'"),
         ("sliding_window.overlap=1.0", "sliding_window.overlap must be in [0, 1)"),
-        ('postprocess.largest_component=["livr"]', "postprocess.largest_component: livr not in data.labels"),
+        ('postprocess.largest_component=["livr"]', "'livr' is not in data.labels; did you mean 'liver'?"),
+        ("postprocess.largest_component=liver", "postprocess.largest_component must be a list"),
         ("train", "must look like section.key=value"),
     ],
 )

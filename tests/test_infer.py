@@ -589,8 +589,10 @@ def test_infer_applies_postprocess_largest_component(threshold_run):
     seg = np.asarray(plain.labels.dataobj)
     assert seg[40, 40, 18] == 1 and seg[15, 15, 10] == 1
     bundle = json.loads((threshold_run / "bundle.json").read_text())
-    bundle["postprocess"] = {"largest_component": ["bright"]}
+    bundle["postprocess"] = {"largest_component": ["spleen", "bright"]}  # spleen: not this run's class, skipped
     (threshold_run / "bundle.json").write_text(json.dumps(bundle))
+    raw = np.asarray(Predictor(threshold_run, device="cpu", postprocess=False)(img).labels.dataobj)
+    assert np.array_equal(raw, seg)  # --no-postprocess: the argmax as it was
     post = Predictor(threshold_run, device="cpu")(img)
     kept = np.asarray(post.labels.dataobj)
     assert kept[40, 40, 18] == 0 and kept[15, 15, 10] == 1
@@ -598,3 +600,19 @@ def test_infer_applies_postprocess_largest_component(threshold_run):
     small = int(seg.sum() - kept.sum())
     assert small > 0 and any(f"bright {small}" in n for n in post.notes)
     assert post.volume_ml["bright"] == pytest.approx(kept.sum() * 2 * 2 * 2.5 / 1000, abs=1e-3)
+
+
+def test_infer_cli_records_and_skips_postprocess(threshold_run, tmp_path, cli):
+    bundle = json.loads((threshold_run / "bundle.json").read_text())
+    bundle["postprocess"] = {"largest_component": ["bright"]}
+    (threshold_run / "bundle.json").write_text(json.dumps(bundle))
+    hu = np.full((48, 48, 24), -100, dtype=np.int16)
+    hu[5:25, 5:25, 4:16] = 400
+    hu[38:44, 38:44, 16:22] = 400
+    nib.save(nib.Nifti1Image(hu, np.diag([2.0, 2.0, 2.5, 1.0])), tmp_path / "scan.nii.gz")
+    for flag, expected, small in (([], ["bright"], 0), (["--no-postprocess"], [], 1)):
+        out = tmp_path / f"seg{len(flag)}.nii.gz"
+        res = cli("infer", tmp_path / "scan.nii.gz", "--run", threshold_run, "-o", out, *flag)
+        assert res.exit_code == 0, res.output
+        assert json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())["largest_component"] == expected
+        assert np.asarray(nib.load(out).dataobj)[40, 40, 18] == small

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -118,6 +119,17 @@ def test_the_roi_shrinks_to_fit_the_budget_by_the_memory_estimator(tmp_path):
     assert training_memory("vnet", big, 1, 2, {}, False, False, bundle.train).device_total > 1.5e9
 
 
+def test_auto_batch_takes_no_more_volumes_than_there_are_cases(tmp_path):
+    """Large cases and a small given ROI: the 5 % rule and the budget would allow 4 volumes per step;
+    with one training case the plan takes 1, with three it takes 2 (4 would exceed them)."""
+    shape = (200, 160, 120)
+    for n, expected in ((1, 1), (3, 2)):
+        folder = write_dataset(tmp_path / f"d{n}", [(1.0, 1.0, 1.0)] * n, shape=shape)
+        _, plan = fp_and_plan(planned_bundle(folder, train__roi=[32, 32, 32], train__batch_size="auto", data__spacing=[1.0, 1.0, 1.0]))
+        assert plan.batch_size == expected, n
+        assert 4 * 32**3 <= 0.05 * n * math.prod(shape)  # so neither the 5 % rule nor the budget is what stopped it
+
+
 def test_fingerprint_is_cached_by_content(tmp_path):
     folder = write_dataset(tmp_path / "d", [(1.0, 1.0, 2.0)] * 2)
     bundle = planned_bundle(folder)
@@ -202,6 +214,7 @@ def test_plan_command_writes_a_bundle_that_trains_as_planned(tmp_path, cli):
     assert record["plan"]["roi"] == [48, 32, 32]
     planned = load_bundle(out)
     assert planned.train.roi == [48, 32, 32] and planned.data.spacing == [1.0, 1.0, 2.0]
+    assert Path(planned.data.source).is_absolute() and Path(planned.data.source) == folder.resolve()
     assert planned.data.ct_stats == CTStats(low=0.0, high=200.0, mean=100.0, std=100.0) and planned.planned_fields() == []
     again = cli("plan", "--bundle", bundle_file, "-o", out)
     assert again.exit_code != 0 and "exists" in again.output

@@ -100,6 +100,13 @@ def test_incompatible_resume_is_refused_before_anything_is_written(tmp_path):
             T.train(bundle, run_dir=run_dir, resume=True, progress="off")
         assert snapshot(run_dir) == before, change  # bundle, labels, weights, status: untouched
     assert Run.open(run_dir).status == "complete"
+    run = Run.open(run_dir)
+    # a key filled into an empty mapping is one change, named by its own path ("unset", not "{} -> None")
+    with pytest.raises(MedsegError, match=r"with train\.augment_p\.noise changed \(unset -> 0\.2\): ") as e:
+        run.check_resume(T.load_bundle_for_resume(run_dir, ['train.augment_p={"noise": 0.2}']))
+    assert "more)" not in str(e.value)
+    assert run.check_resume(T.load_bundle_for_resume(run_dir, ['postprocess.largest_component=["liver"]'])) == [
+        "postprocess.largest_component: [] -> ['liver']"]
     with pytest.raises(MedsegError, match="already trained 1 epochs"):
         T.train(T.load_bundle_for_resume(run_dir, []), run_dir=run_dir, resume=True, progress="off")
     assert snapshot(run_dir) == before

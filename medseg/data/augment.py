@@ -21,9 +21,9 @@ enhance        RandContrastPhased (medseg's, enhance.py): contrast phases, below
 
 ``enhance`` is the one transform MONAI has no equivalent for. A model trained on one contrast phase
 learns its organs' Hounsfield units: trained on a non-contrast scan (spleen ~35 HU) it misses a
-portal-venous spleen (~160 HU) in another scan. ``enhance`` adds, in HU, a random offset to each
-labelled class (0-150 HU, drawn per class, so the organs' order of brightness changes too) and a
-smaller one (0-50 HU) to all other soft tissue, with a weight that fades to zero for fat (below
+portal-venous spleen (~160 HU) in another scan. ``enhance`` adds, in HU, a random offset (0-50 HU)
+to all soft tissue and on top of it one per labelled class (0-150 HU, drawn per class, so the
+organs' order of brightness changes too), with a weight that fades to zero for fat (below
 -100 HU) and bone (above 250 HU). Then the network must tell organs apart by shape, position and
 texture. The label is only read, never changed. It is off by default: on the real-CT benchmark
 (train on non-contrast ``ct_abdomen_3mm``, segment contrast-enhanced ``msd_spleen_8``) it lowered

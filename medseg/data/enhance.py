@@ -39,9 +39,10 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         hu = lo + (x - a) * ((hi - lo) / (b - a))
         (f0, f1), (b0, b1) = self.FADE_HU
         weight = torch.clamp((hu - f0) / (f1 - f0), 0, 1) * torch.clamp((b1 - hu) / (b1 - b0), 0, 1)
-        offsets = torch.as_tensor(self.offsets, dtype=x.dtype, device=x.device)
-        # class 0 (not a labelled class): the tissue offset; class c: the tissue offset plus its own
-        shift = offsets[0] + torch.where(y > 0, offsets[torch.as_tensor(y).long().clamp(0, self.classes)], 0.0)
+        # per class value: the tissue offset, plus the class's own for a labelled class
+        table = torch.as_tensor(self.offsets, dtype=x.dtype, device=x.device).clone()
+        table[1:] += table[0]
+        shift = table[torch.as_tensor(y, device=x.device).round().long().clamp(0, self.classes)]
         out = a + (hu + weight * shift - lo) * ((b - a) / (hi - lo))
         d["image"] = torch.clamp(out, min(a, b), max(a, b)).to(x.dtype)
         return d

@@ -3,9 +3,9 @@
 The scan goes through :mod:`medseg.engine.pipeline`, the steps validation uses too: the run's own
 preprocessing (RAS, the bundle's spacing, HU window), the crop to the body, the sliding window on the
 model grid, and the way back onto the input's own grid (class probabilities resampled linearly and
-labels taken as their argmax, or nearest-neighbour labels for many classes on a big scan). The
-output has exactly the input's shape, affine and orientation, whatever those are (LPS, oblique,
-0.7x0.7x5 mm).
+labels taken as their argmax, or nearest-neighbour labels for many classes on a big scan), then the
+bundle's ``postprocess.largest_component`` (``--no-postprocess``: the raw argmax). The output has
+exactly the input's shape, affine and orientation, whatever those are (LPS, oblique, 0.7x0.7x5 mm).
 
 Files: outputs are written to hidden temporary names and published only when complete; an input is
 never overwritten (not even with ``force``); an output being written is locked, so a second medseg
@@ -71,11 +71,12 @@ class Predictor:
     ``run``: a run directory or :class:`Run` (default: the newest complete run under ``runs_root``);
     ``checkpoint``: ``best`` (model_best.pt) or ``last`` (the model in checkpoint.pt); ``method``:
     the sliding window (auto, monai, stream); ``resample``: back to the input grid (auto, linear,
-    nearest; see :func:`medseg.engine.pipeline.choose_resample`)."""
+    nearest; see :func:`medseg.engine.pipeline.choose_resample`); ``postprocess``: apply the run's
+    ``postprocess.largest_component`` (True) or return the raw argmax (False)."""
 
     def __init__(self, run: str | Path | Run | None = None, *, runs_root: str | Path = "runs", device: str = "auto",
                  overlap: float | None = None, sw_batch_size: int | None = None, tta: bool = False,
-                 method: str = "auto", checkpoint: str = "best", resample: str = "auto") -> None:
+                 method: str = "auto", checkpoint: str = "best", resample: str = "auto", postprocess: bool = True) -> None:
         from medseg.engine.device import amp_mode, autocast, resolve_device
         from medseg.engine.run import latest_complete_run
 
@@ -89,6 +90,9 @@ class Predictor:
         self.window = WindowSpec.from_bundle(self.bundle, overlap=overlap, sw_batch_size=sw_batch_size, method=method)
         self.device = resolve_device(device)
         self.checkpoint, self.tta, self.resample = checkpoint, tta, resample
+        by_name = {v: k for k, v in self.names.items() if k != 0}
+        # the classes whose largest component is kept (names the run does not have are skipped)
+        self.largest_component = [by_name[n] for n in self.bundle.postprocess.largest_component if n in by_name] if postprocess else []
         self.model = self.run.build_model(checkpoint, self.device)
         self.amp = amp_mode(self.bundle.train.amp, self.device)
         self._predict = network_fn(self.model, autocast(self.amp, self.device), tta, slice_model=self.bundle.model.name == "fcn2d")
@@ -119,7 +123,7 @@ class Predictor:
         grids = Grids(tuple(x.shape[2:]), model_affine, crop, tuple(int(s) for s in image.shape[:3]), image.affine)  # type: ignore[arg-type]
         del x, xc
         labels, probs = to_input_grid(result, grids, resample, n, probabilities=probabilities, device=self.device)
-        post_note = self._postprocess(labels)
+        post_note = self._postprocess(labels, keep)
         if keep is not None:
             labels[~np.isin(labels, [0, *keep])] = 0
         names = {k: v for k, v in self.names.items() if keep is None or k == 0 or k in keep}
@@ -133,15 +137,14 @@ class Predictor:
         return Segmentation(_like(image, labels), names, prob_img, result.method, time.time() - t0, volume, resample,
                             [n for n in (ct_note, note, post_note) if n])
 
-    def _postprocess(self, labels: np.ndarray) -> str | None:
-        """``postprocess.largest_component``, in place; a note when it removed anything."""
-        wanted = self.bundle.postprocess.largest_component
-        if not wanted:
+    def _postprocess(self, labels: np.ndarray, keep: list[int] | None) -> str | None:
+        """``postprocess.largest_component`` on the classes kept, in place; a note when it removed anything."""
+        values = [v for v in self.largest_component if keep is None or v in keep]
+        if not values:
             return None
         from medseg.engine.postprocess import keep_largest_component
 
-        by_name = {v: k for k, v in self.names.items()}
-        removed = keep_largest_component(labels, [by_name[name] for name in wanted])
+        removed = keep_largest_component(labels, values)
         if not removed:
             return None
         parts = ", ".join(f"{self.names[v]} {n}" for v, n in removed.items())
@@ -450,7 +453,8 @@ def segment_file(predictor: Predictor, input_path: Path, output: Path | None = N
                    "run": str(predictor.run_dir.resolve()), "run_name": run.name, "run_status": run.status,
                    "checkpoint": predictor.checkpoint, "model": predictor.bundle.model.name, "medseg_version": __version__,
                    "input": str(input_path.resolve()), "method": seg.method, "resample": seg.resample, "tta": predictor.tta,
-                   "overlap": predictor.overlap, "spacing_mm": list(spacing_of(img.affine)), "seconds": round(seg.seconds, 2)}
+                   "overlap": predictor.overlap, "spacing_mm": list(spacing_of(img.affine)), "seconds": round(seg.seconds, 2),
+                   "largest_component": [seg.names[v] for v in predictor.largest_component if v in seg.names]}
         if dicom.get("series_uid") or series:
             sidecar["dicom_series_uid"] = dicom.get("series_uid") or series
         _write_outputs(seg, img, paths, wanted, sidecar, predictor.bundle.data.hu_window, force)

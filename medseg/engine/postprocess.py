@@ -5,7 +5,8 @@ to single organs. medseg applies it to the classes a bundle lists in
 ``postprocess.largest_component``. Components are 26-connected (faces, edges and corners), found
 with ``scipy.ndimage.label`` inside the class's bounding box (MONAI's
 ``KeepLargestConnectedComponent`` does the same but needs scikit-image, which medseg does not
-otherwise use). Memory: a boolean mask of the volume and 4 bytes per voxel of the class's box.
+otherwise use). Memory: a boolean mask of the volume, and about 17 bytes per voxel of the class's
+bounding box (the component labels, their int64 copy for counting, two masks).
 """
 
 from __future__ import annotations

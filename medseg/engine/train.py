@@ -140,7 +140,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     # --- everything that can fail on user input, before anything is written ----------------------
     run: Run | None = None
     ckpt: dict | None = None
-    notes: list[str] = []
+    notes: list[str] = [n for n in (bundle.postprocess.unknown(bundle.data.labels),) if n]
     if resume:
         if run_dir is None:
             raise MedsegError("--resume needs the run directory to continue (--run-dir)")
