@@ -46,6 +46,24 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_data_stays_untouched(phantom_cache):
+    """Fingerprints of ../shared/data go to the session cache even where that folder is writable
+    (medseg caches them beside the data otherwise): the tests only ever read it."""
+    import medseg.plan as plan
+
+    beside_data = plan.cache_path
+
+    def cache_path(root: Path, digest: str) -> Path:
+        if Path(root).resolve().is_relative_to(SHARED_DATA.resolve()):
+            return phantom_cache / "fingerprints" / f"fingerprint-{digest}.json"
+        return beside_data(root, digest)
+
+    plan.cache_path = cache_path
+    yield
+    plan.cache_path = beside_data
+
+
 @pytest.fixture
 def cli():
     from medseg.cli import app

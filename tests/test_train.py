@@ -196,7 +196,10 @@ def _spleen_on_msd(shared_data, run_dir: Path) -> tuple[float, float]:
     return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum())), seg.volume_ml["spleen"]
 
 
-STRONG_MARGIN = 0.15  # spleen Dice on msd_spleen_8; see docs/benchmarks.md for the runs it rests on
+# Spleen Dice on msd_spleen_8 after 150 steps (docs/benchmarks.md): strong 0.662 / 0.433 and light 0.000 / 0.000
+# for train.seed 0 / 1. The test runs seed 0 and asks for a bit more than half the smaller gap.
+STRONG_MARGIN = 0.25
+STRONG_FLOOR = 0.35
 
 
 @pytest.mark.slow
@@ -205,7 +208,8 @@ def test_strong_augmentation_generalises_better_than_light(shared_data, workdir)
     """The issue's generalisation check, shortened: the shipped 2D FCN trained 150 steps on the
     non-contrast ct_abdomen_3mm with the strong preset and with the light (BTCV) one, each scored on
     the spleen of msd_spleen_8 (another patient, scanner and contrast phase, 30 mm slices). Strong
-    must win by STRONG_MARGIN, and find a spleen-sized object (the true one is 756 ml)."""
+    must win by STRONG_MARGIN, score at least STRONG_FLOOR, and find a spleen-sized object (the
+    true one is 756 ml). Both are scored as shipped, each organ kept to its largest component."""
     common = [f"data.source={shared_data / 'ct_abdomen_3mm'}", f"data.source_labels={shared_data / 'totalseg_v2_labels.json'}",
               'data.labels=["spleen","liver","kidney_right","kidney_left","stomach"]',
               'postprocess.largest_component=["spleen","liver","kidney_right","kidney_left","stomach"]',
@@ -219,4 +223,5 @@ def test_strong_augmentation_generalises_better_than_light(shared_data, workdir)
     print(f"spleen on msd_spleen_8: strong Dice {dice['strong']:.3f} ({ml['strong']:.0f} ml), "
           f"light {dice['light']:.3f} ({ml['light']:.0f} ml)")
     assert dice["strong"] > dice["light"] + STRONG_MARGIN
-    assert 300 < ml["strong"] < 1500
+    assert dice["strong"] > STRONG_FLOOR
+    assert 150 < ml["strong"] < 1500
