@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from medseg import __version__
 from medseg.cli_common import DeviceOpt, SetOpt, TrackingOpt, app, err, out, path_arg, print_table, user_errors
@@ -119,7 +120,8 @@ def _print_result(result) -> None:
     if last:
         table.add_row("[bold]mean[/bold]", f"[bold]{last['val_mean_dice']:.3f}[/bold]")
     print_table(table)
-    out.print(f"best mean Dice {result.best_dice:.3f} at epoch {result.best_epoch}; run directory: {result.run_dir}")
+    out.print(f"best mean Dice {result.best_dice:.3f} at epoch {result.best_epoch}; run directory: {escape(str(result.run_dir))}",
+              soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -147,9 +149,8 @@ def infer(
                                           "memory) or auto (linear unless its buffer would be large).")] = "auto",
     series: Annotated[str | None, typer.Option("--series", metavar="UID", help="DICOM series to read from a folder holding several.")] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite existing outputs (never the input).")] = False,
-    postprocess: Annotated[bool, typer.Option("--postprocess/--no-postprocess",
-                                              help="Keep the largest connected component of the classes the run's bundle lists "
-                                              "(postprocess.largest_component).")] = True,
+    no_postprocess: Annotated[bool, typer.Option("--no-postprocess", metavar="",
+                                                 help="Skip postprocess.largest_component (the raw argmax).")] = False,
 ) -> None:
     """Segment a CT scan (or a folder of scans); the label map keeps the scan's own geometry.
 
@@ -169,7 +170,7 @@ def infer(
     check_outputs(plan, wanted_outputs(save_probabilities, preview), force)  # before any work, not after the first case
     made_folder = plan.batch and output is not None and not output.exists()
     predictor = Predictor(run, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, method=window,
-                          checkpoint=checkpoint, resample=resample, postprocess=postprocess)
+                          checkpoint=checkpoint, resample=resample, postprocess=not no_postprocess)
     predictor.class_subset(classes)  # an unknown name fails before the first case
     names = ", ".join(list(predictor.names.values())[1:])
     err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {names})", soft_wrap=True, highlight=False)
@@ -254,7 +255,7 @@ def evaluate(
     table.add_row("mean (with background)", *(fmt(s[f"mean_{m}_with_background"]) for m in METRICS))
     print_table(table)
     csv_path, json_path = write_report(report, prefix)
-    out.print(f"wrote {csv_path} and {json_path}", soft_wrap=True, highlight=False)
+    out.print(escape(f"wrote {csv_path} and {json_path}"), soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -273,11 +274,15 @@ def plan(
     """Fingerprint a dataset and plan spacing, normalisation, ROI and batch size (what `medseg train`
     does for a bundle's fields left on "auto"), without training."""
     import json
+    import os
+
+    from rich.markup import escape
 
     from medseg.config import bundle_from_dict, load_bundle
     from medseg.data.datasets import prepare
     from medseg.engine.device import resolve_device
     from medseg.engine.train import print_plan, resolve_paths
+    from medseg.models import check_window
     from medseg.plan import apply_plan, fingerprint, make_plan
 
     overrides = list(set_ or [])
@@ -300,6 +305,10 @@ def plan(
         parent = next((p for p in output.resolve().parents if p.exists()), None)
         if parent is not None and not parent.is_dir():
             raise MedsegError(f"-o {output}: {parent} is a file, not a folder")
+        if parent is not None and not os.access(parent, os.W_OK):
+            raise MedsegError(f"-o {output}: cannot write to {parent} (permission denied or read-only file system)")
+    if cfg.train.roi != "auto":  # what medseg train would refuse, refused before the data are read
+        check_window(cfg.model.name, cfg.train.roi, cfg.infer_roi)
     dev = resolve_device(device)
     found, lut, train_cases, _, notes = prepare(cfg.data, cfg.data.labels)
     for note in notes:
@@ -308,14 +317,21 @@ def plan(
     result = make_plan(fp, cfg, str(dev))
     print_plan(out, result, fp)
     if output is not None:
-        from medseg.data.io import write_text_atomic
+        from medseg.data.io import publish_new, write_text_atomic
 
         planned = resolve_paths(apply_plan(cfg, result))  # absolute data paths: trainable from any folder
+        check_window(planned.model.name, planned.train.roi, planned.infer_roi)
+        text = json.dumps({"plan": result.as_dict(), "bundle": planned.to_dict()}, indent=2) + "\n"
         try:
-            write_text_atomic(output, json.dumps({"plan": result.as_dict(), "bundle": planned.to_dict()}, indent=2) + "\n")
+            if force:
+                write_text_atomic(output, text)
+            else:
+                publish_new(output, text)
+        except FileExistsError:
+            raise MedsegError(f"{output} appeared while planning (another medseg plan?); use --force to replace it") from None
         except OSError as e:
             raise MedsegError(f"cannot write {output}: {e.strerror or e}") from None
-        out.print(f"wrote {output}")
+        out.print(f"wrote {escape(str(output))}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -333,7 +349,7 @@ def synth(
     with Progress(console=err) as bar:
         task = bar.add_task("phantom cases", total=cases)
         write_phantom(out_dir, cases, seed, progress=lambda i, n: bar.update(task, completed=i))
-    out.print(f"wrote {cases} phantom cases to {out_dir}")
+    out.print(escape(f"wrote {cases} phantom cases to {out_dir}"), soft_wrap=True, highlight=False)
 
 
 @app.command()

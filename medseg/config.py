@@ -43,8 +43,8 @@ class PhantomConfig:
 @dataclass
 class CTStats:
     """The foreground intensity statistics ``"ct"`` normalisation uses (nnU-Net's CT scheme): clip
-    to [low, high] (the foreground's 0.5 and 99.5 percentiles, widened to cover ``hu_window``), then
-    subtract ``mean`` and divide by ``std`` (the foreground's)."""
+    to [low, high] (the foreground's 0.5 and 99.5 percentiles, ``high`` at least the top of
+    ``hu_window``), then subtract ``mean`` and divide by ``std`` (the foreground's)."""
 
     low: float
     high: float
@@ -67,7 +67,7 @@ class DataConfig:
     # Voxel size the volumes are resampled to (mm); "auto": planned from the data (see medseg/plan.py).
     spacing: list[float] | Literal["auto"] = field(default_factory=lambda: [1.5, 1.5, 2.0])
     # "window": clip to `hu_window`, scale to [0, 1] (the BTCV recipe). "ct": clip to the
-    # foreground's 0.5-99.5 percentiles (at least `hu_window`), z-score with its mean/std
+    # foreground's 0.5-99.5 percentiles (the top at least hu_window's), z-score with its mean/std
     # (`ct_stats`; "auto": planned).
     normalization: Literal["window", "ct"] = "window"
     hu_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
@@ -146,7 +146,7 @@ class PostprocessConfig:
         missing = [n for n in self.largest_component if n not in labels]
         if not missing:
             return None
-        return (f"postprocess.largest_component: {', '.join(missing)} not in data.labels ({', '.join(labels)}); "
+        return (f"postprocess.largest_component: {', '.join(map(repr, missing))} not in data.labels ({', '.join(labels)}); "
                 "skipped")
 
 
@@ -342,6 +342,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise BundleError(f"{path} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
+        if path == "plan.budget" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise BundleError(f"plan.budget: {value!r} has no unit: give one, e.g. 24GB or 80GiB")
         if not isinstance(value, str):
             raise BundleError(f"{path} must be a string, got {value!r}")
         return value
@@ -360,8 +362,10 @@ def _check_values(b: Bundle) -> None:
     need(len(set(d.labels)) == len(d.labels), "data.labels has a repeated name")
     need("background" not in d.labels, "data.labels must not list 'background': it is class 0 and implied")
     for name in b.postprocess.largest_component:  # a near miss of a class is a typo; other names are skipped (a note)
+        need(bool(name.strip()) and name != "background", f"postprocess.largest_component: {name!r} is not a class name")
         close = difflib.get_close_matches(name, [n for n in d.labels if n != name], n=1, cutoff=0.8) if name not in d.labels else []
-        need(not close, f"postprocess.largest_component: {name!r} is not in data.labels; did you mean {close[0]!r}?" if close else "")
+        need(not close, f"postprocess.largest_component: {name!r} is not in data.labels; did you mean {close[0]!r}? "
+                        "(set postprocess.largest_component to the classes to keep in one piece)" if close else "")
     need(d.spacing == "auto" or (len(d.spacing) == 3 and all(0.05 <= s <= 50 for s in d.spacing)),
          "data.spacing must be \"auto\" or 3 numbers between 0.05 and 50 (mm)")
     need(len(d.hu_window) == 2 and d.hu_window[0] < d.hu_window[1], "data.hu_window must be [low, high] with low < high")

@@ -12,11 +12,11 @@ each class's voxel count and volume. The plan derives:
   the others and fewer than a third as many voxels along it), that axis takes the 10th percentile of
   its spacings instead, as nnU-Net v2 does, so thin-slice cases are not thrown away.
 - **normalisation** ("ct"): clip to the 0.5 / 99.5 percentiles of the pooled foreground samples,
-  widened where needed to cover ``data.hu_window`` (default -175..250 HU), then z-score with the
-  foreground's mean and standard deviation. The widening is medseg's, not nnU-Net's: with a few
-  cases of one contrast phase the percentiles end where those cases' organs end (a non-contrast
-  spleen stops near 80 HU), and an enhanced organ in another scan (150-200 HU) would be clipped flat
-  into the bone range.
+  the upper end raised where needed to the top of ``data.hu_window`` (default 250 HU), then z-score
+  with the foreground's mean and standard deviation. Raising the top is medseg's, not nnU-Net's:
+  with a few cases of one contrast phase the percentiles end where those cases' organs end (a
+  non-contrast spleen stops near 80 HU), and an enhanced organ in another scan (150-200 HU) would be
+  clipped flat into the bone range. Contrast only ever brightens tissue, so the lower end stays.
 - **ROI and batch size**: start from the median shape at the target spacing (each axis a multiple
   of what the model needs, at most ``plan.max_roi_voxels``), then shrink the axis that is largest
   relative to the median shape until medseg's memory estimator (``cost/memory.py``) says a training
@@ -197,13 +197,13 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[list[float
     return [round(float(s), 4) for s in target], note
 
 
-def ct_statistics(samples: np.ndarray, keep: tuple[float, float] = (-175.0, 250.0)) -> dict[str, float]:
-    """Clip range: the foreground's 0.5 / 99.5 percentiles, widened to cover ``keep`` (HU); mean
-    and std: the foreground's."""
+def ct_statistics(samples: np.ndarray, top: float = 250.0) -> dict[str, float]:
+    """Clip range: the foreground's 0.5 / 99.5 percentiles, the upper end at least ``top`` (HU);
+    mean and std: the foreground's."""
     if samples.size < 2:
         raise MedsegError("cannot plan \"ct\" normalisation: the cases hold no voxels of the requested classes")
     low, high = np.percentile(samples, [0.5, 99.5])
-    low, high = min(low, keep[0]), max(high, keep[1])
+    high = max(high, top)
     std = float(samples.std())  # of the foreground as sampled, as nnU-Net's CTNormalization
     return {"low": round(float(low), 3), "high": round(float(high), 3), "mean": round(float(samples.mean()), 3),
             "std": round(max(std, 1e-3), 3)}
@@ -259,7 +259,10 @@ def make_plan(fp: dict[str, Any], bundle: Bundle, device: str = "cpu") -> Plan:
     if bundle.data.normalization == "ct":
         given = bundle.data.ct_stats
         samples = np.concatenate([np.asarray(c["samples"], dtype=np.float64) for c in cases])
-        stats = ct_statistics(samples, tuple(bundle.data.hu_window)) if given == "auto" else asdict(given)
+        stats = ct_statistics(samples, bundle.data.hu_window[1]) if given == "auto" else asdict(given)
+        if given == "auto" and stats["high"] > (top := float(np.percentile(samples, 99.5))):
+            notes.append(f"CT clip: top raised from the foreground's 99.5th percentile ({top:.0f} HU) to data.hu_window's "
+                         f"{stats['high']:g} HU, so contrast-enhanced tissue in other scans is not clipped flat")
 
     spec = get_spec(bundle.model.name)
     t = bundle.train
@@ -274,6 +277,8 @@ def make_plan(fp: dict[str, Any], bundle: Bundle, device: str = "cpu") -> Plan:
     batch = 1 if t.batch_size == "auto" else int(t.batch_size)
     if t.roi == "auto":
         roi, used = _fit_roi(spec, median, batch, budget, bundle.plan.max_roi_voxels, estimate)
+        if math.prod(roi) > bundle.plan.max_roi_voxels:
+            notes.append(f"ROI {roi} is above plan.max_roi_voxels {bundle.plan.max_roi_voxels}: the smallest {spec.display} accepts")
     else:
         roi = list(t.roi)
         used = estimate(roi, batch) if t.batch_size == "auto" else 0  # nothing to fit: no trace (seconds for a big model)
@@ -369,11 +374,12 @@ def plan_rows(plan: Plan, fp: dict[str, Any]) -> list[tuple[str, str, str]]:
     if plan.ct_stats:
         s = plan.ct_stats
         rows.append(("normalisation", f"ct: clip {s['low']:g}..{s['high']:g} HU, z-score mean {s['mean']:g} std {s['std']:g}",
-                     how("data.ct_stats", "foreground 0.5 / 99.5 percentiles, at least data.hu_window")))
+                     how("data.ct_stats", "foreground 0.5 / 99.5 percentiles, top at least data.hu_window's")))
     rows += [
         ("ROI", " x ".join(str(r) for r in plan.roi),
          how("train.roi", f"median shape, within plan.max_roi_voxels and plan.budget {_gb(plan.budget_bytes)}")),
-        ("batch", f"{plan.batch_size} volume(s) x patches = {plan.patches_per_step} per step", how("train.batch_size", "fits the budget")),
+        ("batch", f"{plan.batch_size} volume(s) x patches = {plan.patches_per_step} per step",
+         how("train.batch_size", "largest of 1, 2, 4 within the budget, the cases and 5 % of the data")),
         ("memory estimate", f"{_gb(plan.estimate_bytes)} of {_gb(plan.budget_bytes)}" if plan.estimate_bytes else "not needed",
          f"medseg memory, training step on {plan.device}" if plan.estimate_bytes else "ROI and batch given; see medseg memory"),
     ]

@@ -97,6 +97,12 @@ def test_enhance_shifts_soft_tissue_and_each_class_by_its_own_offset():
     clipped.randomize = lambda data=None: setattr(clipped, "_do_transform", True)  # keep the offsets set above
     big = torch.clamp(to_input(torch.tensor([230.0]).reshape(1, 1, 1, 1)), a, b)
     assert to_hu(clipped({"image": big, "label": torch.full_like(big, 2.0)})["image"]).item() == pytest.approx(hi, abs=1e-3)
+    # a clip that starts above fat (-26 HU, a foreground of organs only): what sits at the floor is air
+    # or fat whose value is unknown, and stays where it is
+    floor_map = (-26.0, 250.0, -4.2, 12.7)
+    at_floor = torch.full((1, 2, 1, 1), floor_map[2])
+    moved = RandContrastPhased(1.0, 1, floor_map)({"image": at_floor.clone(), "label": torch.zeros_like(at_floor)})["image"]
+    assert torch.equal(moved, at_floor)
     off = RandContrastPhased(0.0, 2, HU_MAP)
     assert torch.equal(off({"image": image.clone(), "label": label})["image"], image)
     with pytest.raises(ValueError, match="intensity map"):

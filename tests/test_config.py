@@ -37,7 +37,7 @@ def test_postprocess_classes_missing_from_the_labels_are_a_note_not_an_error():
     classes the run does not have; they are skipped with a note naming them."""
     b = load_bundle(BUNDLES[0].parent / "unetr.json", ['data.labels=["liver","spleen","stomach"]'])
     note = b.postprocess.unknown(b.data.labels)
-    assert note is not None and "kidney_right, kidney_left not in data.labels" in note
+    assert note is not None and "'kidney_right', 'kidney_left' not in data.labels" in note
     assert load_bundle(BUNDLES[0].parent / "unetr.json").postprocess.unknown(["liver", "spleen", "kidney_right", "kidney_left"]) is None
 
 

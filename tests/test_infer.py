@@ -598,7 +598,7 @@ def test_infer_applies_postprocess_largest_component(threshold_run):
     assert kept[40, 40, 18] == 0 and kept[15, 15, 10] == 1
     assert np.array_equal(kept, np.where(np.arange(48)[:, None, None] < 30, seg, 0))  # the big block's labels unchanged
     small = int(seg.sum() - kept.sum())
-    assert small > 0 and any(f"bright {small}" in n for n in post.notes)
+    assert small > 0 and any(f"bright {small * 0.01:.1f} ml ({small} voxels)" in n for n in post.notes)
     assert post.volume_ml["bright"] == pytest.approx(kept.sum() * 2 * 2 * 2.5 / 1000, abs=1e-3)
 
 

@@ -64,8 +64,9 @@ def test_plan_spacing_statistics_and_roi_by_hand(tmp_path):
     fp, plan = fp_and_plan(planned_bundle(folder, data__hu_window=[50, 150]))
     assert plan.spacing == [1.0, 1.0, 2.0]  # the median per axis
     assert plan.ct_stats == {"low": 0.0, "high": 200.0, "mean": 100.0, "std": 100.0}
-    # the default window (-175..250 HU) widens the clip on both sides; mean and std stay the foreground's
-    assert make_plan(fp, planned_bundle(folder), "cpu").ct_stats == {"low": -175.0, "high": 250.0, "mean": 100.0, "std": 100.0}
+    # the default window (-175..250 HU) raises the clip's top to 250 HU (contrast only brightens: the
+    # low end stays); mean and std stay the foreground's
+    assert make_plan(fp, planned_bundle(folder), "cpu").ct_stats == {"low": 0.0, "high": 250.0, "mean": 100.0, "std": 100.0}
     # median shape at 1x1x2 mm: (40, 32, 20) for two cases and (80, 64, 20) for the third -> 40 x 32 x 20;
     # V-Net: multiples of 16, at least 32 -> 48 x 32 x 32
     assert plan.median_shape == [40, 32, 20]
@@ -220,3 +221,14 @@ def test_plan_command_writes_a_bundle_that_trains_as_planned(tmp_path, cli):
     assert again.exit_code != 0 and "exists" in again.output
     bad = cli("plan", "--bundle", bundle_file, "-o", tmp_path / "plan.txt")
     assert bad.exit_code != 0 and "ending in .json" in bad.output and not (tmp_path / "plan.txt").exists()
+
+
+def test_plan_refuses_what_train_would_before_reading_data(tmp_path, cli):
+    """A ROI the model cannot take, and sizes without a unit or beyond any machine: one line, before
+    any data is read (the data folder here does not even exist)."""
+    missing = tmp_path / "no-such-data"
+    res = cli("plan", str(missing), "--bundle", "bundles/swin_unetr.json", "--set", "train.roi=[32,32,32]")
+    assert res.exit_code != 0 and "does not suit" in res.output and "Traceback" not in res.output
+    for budget, msg in (("24", "has no unit"), ("1e300GB", "beyond any machine")):
+        with pytest.raises(BundleError, match=msg):
+            load_bundle(None, [f"plan.budget={budget}"])

@@ -308,6 +308,9 @@ def plan_for_budget(name: str, budget_bytes: int, multiple: int, batches=(1, 2, 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+MAX_BYTES = 10**15
+
+
 def parse_bytes(text: str) -> int:
     """'24GB' -> 24e9, '24GiB' -> 24 * 2^30, '512MB'. A bare number is refused: '24' would be 24
     bytes, which nobody means."""
@@ -324,4 +327,7 @@ def parse_bytes(text: str) -> int:
         raise ValueError(f"cannot read {text!r} as a size: unknown unit {unit!r} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
     if not value > 0 or math.isinf(value):
         raise ValueError(f"size {text!r} must be positive")
-    return int(value * UNITS[unit])
+    size = value * UNITS[unit]
+    if size > MAX_BYTES:
+        raise ValueError(f"size {text!r} is beyond any machine (at most 1 PB)")
+    return int(size)

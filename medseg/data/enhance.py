@@ -39,6 +39,8 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         hu = lo + (x - a) * ((hi - lo) / (b - a))
         (f0, f1), (b0, b1) = self.FADE_HU
         weight = torch.clamp((hu - f0) / (f1 - f0), 0, 1) * torch.clamp((b1 - hu) / (b1 - b0), 0, 1)
+        # at the clip's floor the true value is unknown (air or fat when the clip starts above -100 HU): untouched
+        weight = torch.where(hu <= lo + 1e-3 * (hi - lo), torch.zeros_like(weight), weight)
         # per class value: the tissue offset, plus the class's own for a labelled class
         table = torch.as_tensor(self.offsets, dtype=x.dtype, device=x.device).clone()
         table[1:] += table[0]

@@ -401,6 +401,20 @@ def write_nifti(img: nib.Nifti1Image, path: str | Path) -> Path:
     return path
 
 
+def publish_new(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` only if no file is there, atomically (a hard link of a complete
+    temporary file fails with FileExistsError when another writer got there first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,8 @@ class Predictor:
         grids = Grids(tuple(x.shape[2:]), model_affine, crop, tuple(int(s) for s in image.shape[:3]), image.affine)  # type: ignore[arg-type]
         del x, xc
         labels, probs = to_input_grid(result, grids, resample, n, probabilities=probabilities, device=self.device)
-        post_note = self._postprocess(labels, keep)
+        voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
+        post_note = self._postprocess(labels, keep, voxel_ml)
         if keep is not None:
             labels[~np.isin(labels, [0, *keep])] = 0
         names = {k: v for k, v in self.names.items() if keep is None or k == 0 or k in keep}
@@ -131,13 +132,12 @@ class Predictor:
         if probs is not None:
             prob_img = _like(image, probs)
             prob_img.header.set_slope_inter(1 / 255, 0)
-        voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
         counts = np.bincount(labels.ravel(), minlength=n)
         volume = {names[k]: round(float(counts[k]) * voxel_ml, 3) for k in names if k != 0}
         return Segmentation(_like(image, labels), names, prob_img, result.method, time.time() - t0, volume, resample,
                             [n for n in (ct_note, note, post_note) if n])
 
-    def _postprocess(self, labels: np.ndarray, keep: list[int] | None) -> str | None:
+    def _postprocess(self, labels: np.ndarray, keep: list[int] | None, voxel_ml: float) -> str | None:
         """``postprocess.largest_component`` on the classes kept, in place; a note when it removed anything."""
         values = [v for v in self.largest_component if keep is None or v in keep]
         if not values:
@@ -147,8 +147,8 @@ class Predictor:
         removed = keep_largest_component(labels, values)
         if not removed:
             return None
-        parts = ", ".join(f"{self.names[v]} {n}" for v, n in removed.items())
-        return f"largest connected component kept (postprocess.largest_component); voxels removed: {parts}"
+        parts = ", ".join(f"{self.names[v]} {n * voxel_ml:.1f} ml ({n} voxels)" for v, n in removed.items())
+        return f"largest connected component kept (postprocess.largest_component); removed: {parts}"
 
     def class_subset(self, classes: list[str] | None) -> list[int] | None:
         """The label values of ``classes`` (names), or None for all; unknown names are an error."""

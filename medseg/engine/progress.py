@@ -37,13 +37,17 @@ class TrainProgress:
     """``mode``: "rich", "plain" or "off" ("auto" picks rich on a terminal, else plain)."""
 
     def __init__(self, console: Console, epochs: int, iters: int, val_cases: int, mode: str = "auto",
-                 first_epoch: int = 1, first_iteration: int = 0, interval: float = 30.0) -> None:
+                 first_epoch: int = 1, first_iteration: int = 0, interval: float = 30.0,
+                 done: int | None = None, total: int | None = None) -> None:
+        """``iters``: steps per epoch (the caller sets ``.iters`` when an epoch is shorter); ``done`` /
+        ``total``: optimiser steps before this process and at the end (default: from epochs x iters)."""
         if mode == "auto":
             mode = "rich" if console.is_terminal else "plain"
         self.mode, self.console = mode, console
         self.epochs, self.iters, self.val_cases, self.interval = epochs, iters, val_cases, interval
         self.dice = "-"
-        self.done = (first_epoch - 1) * iters + first_iteration  # iterations finished before this process
+        self.done = (first_epoch - 1) * iters + first_iteration if done is None else done  # steps before this process
+        self.total = epochs * iters if total is None else total
         self.start_done = self.done
         self.t0 = self.last_line = time.time()
         self.progress = None
@@ -53,7 +57,7 @@ class TrainProgress:
                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=console, transient=False,
             )
-            self.train_task = self.progress.add_task(f"epoch {first_epoch}/{epochs}", total=epochs * iters, completed=self.done,
+            self.train_task = self.progress.add_task(f"epoch {first_epoch}/{epochs}", total=self.total, completed=self.done,
                                                      status="")
             self.val_task = None
 
@@ -69,7 +73,7 @@ class TrainProgress:
 
     def _eta(self) -> str:
         rate = (self.done - self.start_done) / max(time.time() - self.t0, 1e-9)
-        left = self.epochs * self.iters - self.done
+        left = max(0, self.total - self.done)
         return _clock(left / rate) if rate > 0 else "?"
 
     def _line(self, text: str) -> None:

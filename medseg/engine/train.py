@@ -356,6 +356,8 @@ class _Session:
         self.history = [dict(row) for row in ckpt["history"]]
         self.n_epochs = self.count_epochs()
         self.schedule, note = continue_schedule(ckpt["schedule"], self.step, self.t.scheduler, self.t.lr, self.step_total())
+        # the fresh run's warm-up note does not describe a resumed schedule; continue_schedule's note does
+        self.notes = [n for n in self.notes if not n.startswith("train.warmup ")]
         if note:
             self.notes.append(note)
         return ckpt["rng"]
@@ -402,7 +404,8 @@ class _Session:
         self.fill_tracking_gaps()
         policy = CheckpointPolicy(self.t.checkpoint_every, self.step)
         bar = TrainProgress(self.console, self.n_epochs, self.iters, self.n_val, mode=self.mode,
-                            first_epoch=self.epoch_done + 1, first_iteration=min(self.iteration, self.iters))
+                            first_epoch=self.epoch_done + 1, first_iteration=min(self.iteration, self.iters),
+                            done=self.step, total=self.step_total())
         try:
             with bar:
                 for epoch in range(self.epoch_done + 1, self.n_epochs + 1):
@@ -438,6 +441,7 @@ class _Session:
 
     def train_iterations(self, epoch: int, rng: dict | None, policy: CheckpointPolicy, bar: TrainProgress) -> None:
         n = self.epoch_length()
+        bar.iters = n  # "iteration i/n" of this epoch, which may be shorter than a full one
         if self.iteration >= n:  # stopped during this epoch's validation: only that is left
             if rng is not None:
                 restore_rng(rng)
