@@ -317,16 +317,18 @@ def plan(
     result = make_plan(fp, cfg, str(dev))
     print_plan(out, result, fp)
     if output is not None:
-        from medseg.data.io import publish_new, write_text_atomic
+        from medseg.data.io import publish, temporary_beside
 
         planned = resolve_paths(apply_plan(cfg, result))  # absolute data paths: trainable from any folder
         check_window(planned.model.name, planned.train.roi, planned.infer_roi)
         text = json.dumps({"plan": result.as_dict(), "bundle": planned.to_dict()}, indent=2) + "\n"
         try:
-            if force:
-                write_text_atomic(output, text)
-            else:
-                publish_new(output, text)
+            tmp = temporary_beside(output, ".tmp")
+            Path(tmp).write_text(text)
+            try:
+                publish(tmp, output, force)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         except FileExistsError:
             raise MedsegError(f"{output} appeared while planning (another medseg plan?); use --force to replace it") from None
         except OSError as e:

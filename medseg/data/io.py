@@ -8,6 +8,7 @@ folder's choice of series is reported, and a grid that is not what the files cla
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import tempfile
@@ -401,18 +402,24 @@ def write_nifti(img: nib.Nifti1Image, path: str | Path) -> Path:
     return path
 
 
-def publish_new(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` only if no file is there, atomically (a hard link of a complete
-    temporary file fails with FileExistsError when another writer got there first)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+def publish(tmp: str | Path, dest: str | Path, force: bool) -> None:
+    """Rename the complete file ``tmp`` to ``dest``. Without ``force`` never replace a file that
+    exists by now: a hard link fails if ``dest`` exists, so the check and the rename are one step
+    (FileExistsError); on a file system without hard links, check, then rename."""
+    dest = Path(dest)
+    if force:
+        os.replace(tmp, dest)
+        return
     try:
-        os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        os.link(tmp, dest)
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if dest.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(dest)) from None
+        os.rename(tmp, dest)
+        return
+    os.unlink(tmp)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

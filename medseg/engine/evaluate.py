@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from medseg.data.io import case_name, check_3d, is_nifti, load_array, read_image, spacing_of, write_text_atomic
+from medseg.engine.postprocess import bounding_box
 from medseg.errors import MedsegError
 
 METRICS = ("dice", "iou", "precision", "recall", "accuracy", "hd95_mm", "nsd")
@@ -240,7 +241,7 @@ def class_metrics(p: np.ndarray, g: np.ndarray, spacing, tolerance: float) -> di
     import torch
     from monai.metrics import HausdorffDistanceMetric, compute_confusion_matrix_metric, compute_surface_dice, get_confusion_matrix
 
-    box = _bounding_box(p | g)
+    box = bounding_box(p | g, margin=1)
     if box is None:
         return {m: math.nan for m in METRICS}
     total = p.size
@@ -261,16 +262,6 @@ def class_metrics(p: np.ndarray, g: np.ndarray, spacing, tolerance: float) -> di
             out["hd95_mm"] = HausdorffDistanceMetric(include_background=True, percentile=95)(yp, yt, spacing=list(spacing)).item()
         out["nsd"] = compute_surface_dice(yp, yt, class_thresholds=[tolerance], include_background=True, spacing=list(spacing)).item()
     return out
-
-
-def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
-    spans = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        spans.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(spans)
 
 
 # ---------------------------------------------------------------- cases and reports

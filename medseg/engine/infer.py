@@ -16,7 +16,6 @@ replaced unless ``force``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from medseg import __version__
-from medseg.data.io import case_name, is_nifti, read_image, spacing_of, temporary_beside
+from medseg.data.io import case_name, is_nifti, publish, read_image, spacing_of, temporary_beside
 from medseg.data.transforms import body_threshold, intensity_map
 from medseg.engine.pipeline import (
     Grids,
@@ -361,23 +360,10 @@ def output_lock(path: Path):
 
 
 def _publish(tmp: str, dest: Path, force: bool) -> None:
-    """Rename ``tmp`` to ``dest``; without ``force`` never replace a file that exists by now (a hard
-    link fails if ``dest`` exists: the check and the rename are one step)."""
-    if force:
-        os.replace(tmp, dest)
-        return
     try:
-        os.link(tmp, dest)
+        publish(tmp, dest, force)
     except FileExistsError:
         raise MedsegError(f"{dest} appeared while this scan was segmented; it was not replaced (pass --force to overwrite)") from None
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
-            raise
-        if dest.exists():  # a file system without hard links: check, then rename
-            raise MedsegError(f"{dest} appeared while this scan was segmented; it was not replaced (pass --force to overwrite)") from None
-        os.rename(tmp, dest)
-        return
-    os.unlink(tmp)
 
 
 def _write_outputs(seg: Segmentation, img: nib.Nifti1Image, paths: dict[str, Path], wanted: list[str], sidecar: dict[str, Any],

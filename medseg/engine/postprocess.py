@@ -22,7 +22,7 @@ def keep_largest_component(labels: np.ndarray, values: list[int]) -> dict[int, i
     removed: dict[int, int] = {}
     for value in values:
         mask = labels == value
-        box = _box(mask)
+        box = bounding_box(mask)
         if box is None:
             continue
         parts, n = ndimage.label(mask[box], structure=np.ones((3,) * labels.ndim, dtype=bool), output=np.int32)
@@ -36,12 +36,13 @@ def keep_largest_component(labels: np.ndarray, values: list[int]) -> dict[int, i
     return removed
 
 
-def _box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The bounding box of ``mask``'s True voxels, or None when there are none."""
-    out = []
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """The bounding box of ``mask``'s True voxels grown by ``margin`` (within the array), or None
+    when there are none."""
+    spans = []
     for axis in range(mask.ndim):
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         if hit.size == 0:
             return None
-        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(out)
+        spans.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(spans)
