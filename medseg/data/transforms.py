@@ -70,6 +70,14 @@ def intensity_map(bundle: Bundle) -> tuple[float, float, float, float]:
     return s.low, s.high, (s.low - s.mean) / s.std, (s.high - s.mean) / s.std
 
 
+def pad_value(bundle: Bundle) -> float:
+    """What training pads patches with, and inference pads windows with: air, the low end of the
+    intensity map (0 for the HU window, (low - mean) / std for "ct"; a 0 there is soft tissue).
+    The two must agree: a network trained on a body surrounded by air and run on one surrounded by
+    soft tissue segments that "tissue" (this broke every phantom model once, docs/benchmarks.md)."""
+    return intensity_map(bundle)[2]
+
+
 def body_threshold(bundle: Bundle) -> float:
     """Input values above this are body: the crop of training, validation and inference. "window":
     above its low end (as before); "ct": above -500 HU, or the clip's low end if that is higher."""
@@ -112,7 +120,7 @@ def train_transforms(bundle: Bundle, lut: np.ndarray) -> Compose:
     keys = list(KEYS)
     p = probabilities(t.augment, t.augment_p)
     crop = crop_size(t.roi, p)
-    low = intensity_map(bundle)[2]  # padding is air (the input's low end), not 0 (soft tissue after z-scoring)
+    low = pad_value(bundle)  # air, as inference pads its windows
     margin = [(c - r) // 2 for c, r in zip(crop, t.roi)]
     steps = preprocess(bundle, lut) + [
         crop_body(bundle),

@@ -48,6 +48,7 @@ class WindowSpec:
     overlap: float
     mode: str
     method: str = "auto"  # auto | monai | stream
+    pad_value: float = 0.0  # an image smaller than the ROI is padded with this: training's air value
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, *, overlap: float | None = None, sw_batch_size: int | None = None,
@@ -61,7 +62,9 @@ class WindowSpec:
             raise MedsegError("--sw-batch-size must be >= 1")
         if method not in ("auto", "monai", "stream"):
             raise MedsegError(f"--window must be auto, monai or stream, got {method!r}")
-        return cls(tuple(int(r) for r in bundle.infer_roi), int(sw_batch_size), float(overlap), sw.mode, method)
+        from medseg.data.transforms import pad_value
+
+        return cls(tuple(int(r) for r in bundle.infer_roi), int(sw_batch_size), float(overlap), sw.mode, method, pad_value(bundle))
 
 
 @dataclass
@@ -97,7 +100,8 @@ def sliding_window(x: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tens
     from medseg.engine.window import choose_method, monai_sliding_window, stream_sliding_window
 
     method = choose_method(n_classes, x.shape[2:], spec.method)
-    common = {"overlap": spec.overlap, "mode": spec.mode, "device": device, "return_probabilities": probabilities}
+    common = {"overlap": spec.overlap, "mode": spec.mode, "device": device, "return_probabilities": probabilities,
+              "pad_value": spec.pad_value}
     if method == "stream":
         labels, probs = stream_sliding_window(x, spec.roi, spec.sw_batch_size, predict, on_window=on_window, **common)
     else:

@@ -99,25 +99,29 @@ def stream_sliding_window(
     return_probabilities: bool = False,
     on_window: Callable[[int, int], None] | None = None,
     logits_out: torch.Tensor | None = None,
+    pad_value: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sliding-window inference on ``inputs`` (1, C_in, *spatial) that returns the argmax label map
     (spatial, uint8, or uint16 past 255 classes) and, if asked, softmax probabilities as float16
     (classes, *spatial). ``predictor`` maps (n, C_in, *roi) to logits (n, classes, *roi) and runs on
     ``device`` (default: the input's); accumulation stays on the CPU. ``logits_out``, a float32
-    (classes, *padded spatial) tensor, receives the blended logits (for checks against MONAI)."""
+    (classes, *padded spatial) tensor, receives the blended logits (for checks against MONAI).
+    ``pad_value``: what an image smaller than the ROI is padded with; it must be what training
+    padded patches with (the input's value for air, :func:`medseg.data.transforms.pad_value`), or
+    the network sees the body surrounded by something it never saw."""
     if inputs.ndim != 5 or inputs.shape[0] != 1:
         raise ValueError(f"inputs must be (1, C, H, W, D), got {tuple(inputs.shape)}")
     roi = tuple(int(r) for r in roi_size)
     device = torch.device(device) if device is not None else inputs.device
     spatial0 = tuple(inputs.shape[2:])
 
-    # Pad like MONAI when the image is smaller than the ROI (constant 0, split evenly).
+    # Pad like MONAI when the image is smaller than the ROI (constant, split evenly).
     pad = []
     for k in range(2, -1, -1):
         diff = max(roi[k] - spatial0[k], 0)
         pad += [diff // 2, diff - diff // 2]
     if any(pad):
-        inputs = F.pad(inputs, pad=pad, mode="constant", value=0.0)
+        inputs = F.pad(inputs, pad=pad, mode="constant", value=float(pad_value))
     spatial = tuple(inputs.shape[2:])
 
     windows, axes = _tiling(spatial, roi, overlap)
@@ -179,12 +183,13 @@ def stream_sliding_window(
 
 @torch.no_grad()
 def monai_sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap=0.25, mode="gaussian", device=None,
-                         return_probabilities=False):
-    """MONAI's inferer, unchanged, followed by the same argmax (and softmax)."""
+                         return_probabilities=False, pad_value=0.0):
+    """MONAI's inferer, unchanged, followed by the same argmax (and softmax). ``pad_value``: MONAI's
+    ``cval``, as in :func:`stream_sliding_window`."""
     from monai.inferers import sliding_window_inference
 
     logits = sliding_window_inference(inputs, roi_size, sw_batch_size, predictor, overlap=overlap, mode=mode,
-                                      sw_device=device, device="cpu")
+                                      sw_device=device, device="cpu", cval=float(pad_value))
     logits = logits[0].float()
     n_classes = logits.shape[0]
     labels = logits.argmax(dim=0).to(label_dtype(n_classes))
