@@ -10,7 +10,7 @@ from medseg.models import create_model, get_spec, list_models
 SMALL = {
     "vnet": ({}, (32, 32, 32)),
     "unetr": ({"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}, (32, 32, 32)),
-    "swin_unetr": ({"feature_size": 12}, (64, 64, 64)),
+    "swin_unetr": ({"feature_size": 12}, (64, 64, 32)),  # its smallest ROI
     "fcn2d": ({"features": [8, 16, 16, 32, 32]}, (40, 36, 2)),
 }
 
@@ -72,7 +72,11 @@ def test_registry_errors_suggest():
         create_model("unetr", out_channels=2, roi=(32, 32, 32), hiden_size=96)
     with pytest.raises(BundleError, match="multiple of \\[32, 32, 32\\]"):
         create_model("swin_unetr", out_channels=2, roi=(64, 64, 48))
-    with pytest.raises(BundleError, match="at least \\[64, 64, 64\\]"):
+    with pytest.raises(BundleError, match="at least \\[64, 64, 32\\]"):
         create_model("swin_unetr", out_channels=2, roi=(32, 32, 32))
+    from monai.networks.nets import SwinUNETR  # the minimum is MONAI's: a one-voxel deepest map cannot be normalised
+
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        SwinUNETR(in_channels=1, out_channels=2, feature_size=12).train()(torch.randn(1, 1, 32, 32, 32))
     with pytest.raises(BundleError, match="model.args for unetr"):
         create_model("unetr", out_channels=2, roi=(32, 32, 32), hidden_size=100, num_heads=12)

@@ -50,16 +50,42 @@ def test_unetr_learns_the_phantom(workdir):
     assert result.best_dice > before + 0.3
 
 
+# Held-out phantom Dice of the shipped 2D FCN, shortened to 100 steps (docs/benchmarks.md: 0.9 at its
+# shipped 300). The bar is well above what the shipped bundles scored while inference padded windows
+# with soft tissue instead of air (0.03): a broken train/inference pipeline cannot pass it.
+HELDOUT_BAR = 0.75
+
+
 @pytest.mark.slow
-def test_fcn2d_learns_the_phantom_slice_by_slice(workdir):
-    bundle = load_bundle(BUNDLES / "fcn2d.json", COARSE + [
-        'model.args={"features": [16, 32, 64, 64, 64]}', "train.roi=[48,48,1]", "sliding_window.roi=[48,48,8]",
-        "train.samples_per_volume=8", "train.epochs=4", "train.iterations_per_epoch=40", "train.lr=1e-3"])
+def test_shipped_fcn2d_segments_held_out_phantom_patients(workdir):
+    """The shipped fcn2d bundle, as shipped but for its length (100 steps instead of 300), trained on
+    the phantom, then run through inference (the Predictor) on two cases of another phantom stream,
+    patients it never saw. Dice and volumes are counted here with numpy on the phantom's own label
+    maps, not by medseg's validation or evaluation code."""
+    import numpy as np
+
+    from medseg.data.phantom import LABELS, make_case
+    from medseg.engine.infer import Predictor
+
+    bundle = load_bundle(BUNDLES / "fcn2d.json", ["tracking.backend=none", "train.iterations=100", "train.iterations_per_epoch=100"])
     result = train(bundle, show_progress=False)
-    before = untrained_dice(bundle, result.run_dir)
-    print(f"FCN2D phantom: untrained mean Dice {before:.3f}, trained best {result.best_dice:.3f}")
-    assert before < 0.25
-    assert result.best_dice > 0.75
+    predictor = Predictor(result.run_dir, device="cpu")
+    for index in (0, 1):  # one case stored RAS, one LPS
+        case = make_case(seed=1, index=index)
+        seg = predictor(case.image)
+        pred, truth = np.asarray(seg.labels.dataobj), np.asarray(case.label.dataobj)
+        ml = float(np.prod(case.label.header.get_zooms()[:3])) / 1000
+        dice = {}
+        for value, name in LABELS.items():
+            if name not in bundle.data.labels:
+                continue
+            ours = pred == {v: k for k, v in seg.names.items()}[name]
+            true = truth == value
+            dice[name] = 2 * (ours & true).sum() / (ours.sum() + true.sum())
+            print(f"held-out case {index} {name}: Dice {dice[name]:.3f}, {ours.sum() * ml:.0f} ml predicted, {true.sum() * ml:.0f} ml true")
+            assert 0.7 < ours.sum() / true.sum() < 1.3, f"{name}: a {ours.sum() * ml:.0f} ml prediction for a {true.sum() * ml:.0f} ml organ"
+        assert np.mean(list(dice.values())) > HELDOUT_BAR
+        assert min(dice.values()) > 0.5
 
 
 SMOKE = ["data.phantom.cases=3", "data.val_fraction=0.34", "data.spacing=[5,5,5]", 'data.labels=["liver","spleen"]',

@@ -28,7 +28,7 @@ def unetr(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     return model
 
 
-@register_model("swin_unetr", display="SwinUNETR", network=SwinUNETR, roi_multiple=(32, 32, 32), min_roi=(64, 64, 64),
+@register_model("swin_unetr", display="SwinUNETR", network=SwinUNETR, roi_multiple=(32, 32, 32), min_roi=(64, 64, 32),
                 description="MONAI Swin UNETR (Hatamizadeh 2022): shifted-window transformer encoder, 2^3 patches")
 def swin_unetr(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     return SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=3, use_checkpoint=grad_checkpointing, **args)

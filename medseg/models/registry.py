@@ -26,7 +26,9 @@ class ModelSpec:
     network: type  # the class whose signature model.args are checked against
     roi_multiple: tuple[int, int, int]  # each ROI axis must be a multiple of this
     description: str
-    min_roi: tuple[int, int, int] = (1, 1, 1)  # smallest ROI that trains (instance norm needs > 1 voxel)
+    # smallest ROI that trains: instance norm needs more than one voxel in the deepest feature map
+    # (Swin UNETR divides by 32: 64 x 64 x 32 leaves 2 x 2 x 1 voxels, 32^3 one)
+    min_roi: tuple[int, int, int] = (1, 1, 1)
     # The network is built for one input size (UNETR's position embedding): windows must equal the ROI.
     fixed_roi: bool = False
 
