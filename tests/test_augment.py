@@ -183,3 +183,23 @@ def test_resume_during_warmup_finishes_it():
     assert rates[0] > at10 and all(b > a for a, b in zip(rates, rates[1:-1]))
     assert lr_at(longer, 19) == pytest.approx(1e-2)
     assert lr_at(longer, 100) < 1e-2
+
+
+@pytest.mark.parametrize("roi", [[64, 64, 32], [64, 64, 64], [96, 64, 32]])
+def test_crop_holds_the_roi_turned_about_any_axis(roi):
+    """The crop taken before rotate_scale contains the ROI's corners turned by the largest angle
+    about each axis, so a turned flat patch is filled from the image, not from its edge values.
+    (A fixed 1.5x per axis gave a 64x64x32 patch 48 slices, where a 30-degree turn needs 60.)"""
+    import itertools
+    import math
+
+    from medseg.data.augment import ROTATE_3D
+
+    crop = crop_size(roi, {"rotate_scale": 0.2})
+    corners = np.array(list(itertools.product(*[(-r / 2, r / 2) for r in roi])))
+    c, s = math.cos(ROTATE_3D), math.sin(ROTATE_3D)
+    turns = [np.array([[1, 0, 0], [0, c, -s], [0, s, c]]), np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+             np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])]
+    for turn in turns:
+        extent = np.ptp(corners @ turn.T, axis=0)
+        assert (extent <= np.array(crop) + 1e-6).all(), (turn, extent, crop)

@@ -616,3 +616,17 @@ def test_infer_cli_records_and_skips_postprocess(threshold_run, tmp_path, cli):
         assert res.exit_code == 0, res.output
         assert json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())["largest_component"] == expected
         assert np.asarray(nib.load(out).dataobj)[40, 40, 18] == small
+
+
+def test_runs_are_padded_as_they_were_trained(threshold_run):
+    """Windows smaller than the ROI are padded with air for a run trained on air-padded patches
+    (format 3), and with 0 for runs of formats 1-2, which were trained on zero-padded patches."""
+    from medseg.engine.infer import Predictor
+
+    bundle = json.loads((threshold_run / "bundle.json").read_text())
+    bundle["data"].update(normalization="ct", ct_stats={"low": -100, "high": 250, "mean": 50, "std": 40})
+    (threshold_run / "bundle.json").write_text(json.dumps(bundle))
+    assert Predictor(threshold_run, device="cpu").window.pad_value == pytest.approx((-100 - 50) / 40)
+    info = json.loads((threshold_run / "run.json").read_text())
+    (threshold_run / "run.json").write_text(json.dumps({**info, "format_version": 2}))
+    assert Predictor(threshold_run, device="cpu").window.pad_value == 0.0

@@ -81,10 +81,15 @@ def crop_size(roi: list[int], p: dict[str, float]) -> list[int]:
     idea, capped at 1.5x per axis to bound the crop)."""
     if "rotate_scale" not in p:
         return list(roi)
-    two_d = roi[2] == 1
-    grow = min(1.5, SCALE[1] * (math.cos(ROTATE_3D) + math.sin(ROTATE_3D))) if not two_d else 1.5
+    if roi[2] == 1:  # in-slice rotation of a slice: 1.5x in the slice
+        want = [1.5 * r if r > 1 else 1 for r in roi]
+    else:
+        # a turn by up to ROTATE_3D about another axis brings that axis' extent in: a flat 64x64x32
+        # patch needs about 60 slices of depth, not 1.5 x 32; capped at 1.5 x the longest side
+        c, s, cap = math.cos(ROTATE_3D), math.sin(ROTATE_3D), 1.5 * max(roi)
+        want = [min(cap, SCALE[1] * (r * c + s * max(o for j, o in enumerate(roi) if j != i))) for i, r in enumerate(roi)]
     # an even margin, so the centre crop of an unrotated patch is exact
-    return [r + 2 * int(math.ceil(r * (grow - 1) / 2)) if r > 1 else 1 for r in roi]
+    return [r + 2 * max(0, int(math.ceil((w - r) / 2))) if r > 1 else 1 for r, w in zip(roi, want)]
 
 
 def spatial_and_intensity(roi: list[int], p: dict[str, float], labels: list[str], normalization: str,

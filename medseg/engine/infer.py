@@ -16,6 +16,7 @@ replaced unless ``force``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -87,6 +88,8 @@ class Predictor:
         self.bundle = self.run.bundle
         self.names = self.run.labels
         self.window = WindowSpec.from_bundle(self.bundle, overlap=overlap, sw_batch_size=sw_batch_size, method=method)
+        if self.run.info.get("format_version") in (1, 2):  # trained before patches were padded with air: 0 is what they saw
+            self.window = dataclasses.replace(self.window, pad_value=0.0)
         self.device = resolve_device(device)
         self.checkpoint, self.tta, self.resample = checkpoint, tta, resample
         by_name = {v: k for k, v in self.names.items() if k != 0}

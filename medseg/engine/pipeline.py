@@ -47,8 +47,8 @@ class WindowSpec:
     sw_batch_size: int
     overlap: float
     mode: str
+    pad_value: float  # an image smaller than the ROI is padded with this: training's air value, never a default
     method: str = "auto"  # auto | monai | stream
-    pad_value: float = 0.0  # an image smaller than the ROI is padded with this: training's air value
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, *, overlap: float | None = None, sw_batch_size: int | None = None,
@@ -64,7 +64,8 @@ class WindowSpec:
             raise MedsegError(f"--window must be auto, monai or stream, got {method!r}")
         from medseg.data.transforms import pad_value
 
-        return cls(tuple(int(r) for r in bundle.infer_roi), int(sw_batch_size), float(overlap), sw.mode, method, pad_value(bundle))
+        return cls(roi=tuple(int(r) for r in bundle.infer_roi), sw_batch_size=int(sw_batch_size), overlap=float(overlap),
+                   mode=sw.mode, pad_value=pad_value(bundle), method=method)
 
 
 @dataclass
