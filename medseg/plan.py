@@ -378,7 +378,7 @@ def plan_rows(plan: Plan, fp: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows += [
         ("ROI", " x ".join(str(r) for r in plan.roi),
          how("train.roi", f"median shape, within plan.max_roi_voxels and plan.budget {_gb(plan.budget_bytes)}")),
-        ("batch", f"{plan.batch_size} volume(s) x patches = {plan.patches_per_step} per step",
+        ("batch", f"{plan.batch_size} volume(s) x {plan.patches_per_step // plan.batch_size} patch(es) = {plan.patches_per_step} per step",
          how("train.batch_size", "largest of 1, 2, 4 within the budget, the cases and 5 % of the data")),
         ("memory estimate", f"{_gb(plan.estimate_bytes)} of {_gb(plan.budget_bytes)}" if plan.estimate_bytes else "not needed",
          f"medseg memory, training step on {plan.device}" if plan.estimate_bytes else "ROI and batch given; see medseg memory"),

@@ -78,5 +78,8 @@ def test_registry_errors_suggest():
 
     with pytest.raises(ValueError, match="more than 1 spatial element"):
         SwinUNETR(in_channels=1, out_channels=2, feature_size=12).train()(torch.randn(1, 1, 32, 32, 32))
+    for bad in ({"feature_size": 0}, {"num_heads": [0, 0, 0, 0]}):  # once a ZeroDivisionError traceback
+        with pytest.raises(BundleError, match="must (be|hold) positive"):
+            create_model("swin_unetr", out_channels=2, roi=(64, 64, 32), **bad)
     with pytest.raises(BundleError, match="model.args for unetr"):
         create_model("unetr", out_channels=2, roi=(32, 32, 32), hidden_size=100, num_heads=12)
