@@ -151,7 +151,7 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
         "bundle-spacing-huge": Bad(train("--set", "data.spacing=[1e6,1e6,1e6]"), "data.spacing must be \"auto\" or 3 numbers between"),
         "bundle-spacing-tiny": Bad(train("--set", "data.spacing=[0.01,0.01,0.01]"), "data.spacing must be \"auto\" or 3 numbers between"),
         "bundle-lr-infinite": Bad(train("--set", "train.lr=Infinity"), "train.lr must be a finite number"),
-        "model-args-negative": Bad(train("--set", "model.args.feature_size=-1"), "negative dimension"),
+        "model-args-negative": Bad(train("--set", "model.args.feature_size=-1"), "must be positive"),
     })
 
     # --- inference: NIfTI ------------------------------------------------------------------------------
