@@ -26,9 +26,9 @@ class ModelSpec:
     network: type  # the class whose signature model.args are checked against
     roi_multiple: tuple[int, int, int]  # each ROI axis must be a multiple of this
     description: str
-    # smallest ROI that trains: instance norm needs more than one voxel in the deepest feature map
-    # (a per-axis minimum is stricter than that rule: Swin UNETR also runs 64x32x32, but not 32^3)
-    # (Swin UNETR divides by 32: 64 x 64 x 32 leaves 2 x 2 x 1 voxels, 32^3 one)
+    # smallest ROI per axis: instance norm needs more than one voxel in the deepest feature map (Swin
+    # UNETR divides by 32: 64x64x32 leaves 2x2x1, 32^3 one). Per axis is stricter than that rule:
+    # Swin UNETR would also run 64x32x32.
     min_roi: tuple[int, int, int] = (1, 1, 1)
     # The network is built for one input size (UNETR's position embedding): windows must equal the ROI.
     fixed_roi: bool = False
@@ -100,12 +100,12 @@ def _check_arg_types(spec: ModelSpec, args: dict) -> None:
             ok = True
         if not ok:
             raise BundleError(f"model.args.{key} must be like its default {default!r}, got {value!r}")
-        # a size or count whose default is positive (feature_size, num_heads) cannot be 0 or negative
-        if isinstance(default, int) and not isinstance(default, bool) and default > 0 and isinstance(value, (int, float)) and value <= 0:
-            raise BundleError(f"model.args.{key} must be positive (default {default}), got {value!r}")
-        if isinstance(default, (tuple, list)) and all(isinstance(d, int) and d > 0 for d in default) and default \
-                and isinstance(value, (list, tuple)) and any(isinstance(v, (int, float)) and v <= 0 for v in value):
-            raise BundleError(f"model.args.{key} must hold positive numbers (default {list(default)}), got {value!r}")
+        # sizes and counts whose defaults are positive integers (feature_size, num_heads) cannot be 0 or negative
+        defaults = default if isinstance(default, (tuple, list)) else [default]
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if defaults and all(type(d) is int and d > 0 for d in defaults) \
+                and any(isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 for v in values):
+            raise BundleError(f"model.args.{key} must be positive (default {default!r}), got {value!r}")
 
 
 def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, grad_checkpointing: bool = False, **args):
