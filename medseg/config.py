@@ -96,6 +96,9 @@ class TrainConfig:
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-5
+    # Learning rate of the model's output head (its registered `head`) as a multiple of `lr`.
+    # V-Net needs it: its head follows batch norm, so only the head's own weights can scale up the logits.
+    head_lr_scale: float = 1.0
     # SGD uses Nesterov momentum (nnU-Net: 0.99, lr 1e-2).
     momentum: float = 0.99
     scheduler: Literal["none", "cosine", "poly"] = "none"
@@ -387,6 +390,7 @@ def _check_values(b: Bundle) -> None:
         raise BundleError(f"train.augment_p: {e}") from None
     need(t.lr > 0, "train.lr must be > 0")
     need(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    need(0 < t.head_lr_scale <= 1000, "train.head_lr_scale must be in (0, 1000]")
     need(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
     need(t.warmup >= 0, "train.warmup must be >= 0 (optimiser steps)")
     need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip must be > 0 or null")

@@ -129,7 +129,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     from monai.utils import set_determinism
 
     from medseg.data.datasets import prepare
-    from medseg.models import check_window, get_spec
+    from medseg.models import check_head_lr, check_window
     from medseg.track import make_tracker
 
     console = console or Console(stderr=True)
@@ -173,7 +173,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     if not planned:  # a bad model argument or ROI fails before the data are read
         model = build_model(bundle)
         check_window(bundle.model.name, t.roi, bundle.infer_roi)
-    spec = get_spec(bundle.model.name)
+    spec = check_head_lr(bundle.model.name, t.head_lr_scale)
     mode = progress if show_progress else "off"
 
     def data_progress(stage: str, i: int, n: int) -> None:
@@ -301,11 +301,12 @@ class _Session:
         from monai.data import CacheDataset, DataLoader, Dataset
 
         from medseg.data.transforms import train_transforms, val_transforms
+        from medseg.models import param_groups
 
         self.bundle, self.run, self.dev, self.amp, self.console, self.stop, self.tracker = bundle, run, dev, amp, console, stop, tracker
         t = self.t = bundle.train
         self.model = model.to(dev)
-        self.optimizer = make_optimizer(t, self.model.parameters())
+        self.optimizer = make_optimizer(t, param_groups(self.bundle.model.name, self.model, t.head_lr_scale))
         self.scaler = grad_scaler(amp)
         self.autocast = autocast(amp, dev)
         self.loss_fn = make_loss(t.loss)
@@ -471,7 +472,7 @@ class _Session:
         x, y = batch["image"].to(self.dev), batch["label"].to(self.dev)
         lr = lr_at(self.schedule, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.loss_fn(self.model(x), y)

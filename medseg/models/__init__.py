@@ -5,6 +5,17 @@ slice-by-slice FCN).
 """
 
 from medseg.models import nets as _nets  # noqa: F401,E402  (registers the built-ins)
-from medseg.models.registry import ModelSpec, check_roi, check_window, create_model, get_spec, list_models, register_model
+from medseg.models.registry import (
+    ModelSpec,
+    check_head_lr,
+    check_roi,
+    check_window,
+    create_model,
+    get_spec,
+    list_models,
+    param_groups,
+    register_model,
+)
 
-__all__ = ["ModelSpec", "check_roi", "check_window", "create_model", "get_spec", "list_models", "register_model"]
+__all__ = ["ModelSpec", "check_head_lr", "check_roi", "check_window", "create_model", "get_spec", "list_models", "param_groups",
+           "register_model"]

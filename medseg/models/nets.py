@@ -10,7 +10,7 @@ from medseg.models.fcn2d import FCN2D, SliceWise
 from medseg.models.registry import register_model
 
 
-@register_model("vnet", display="VNet", network=VNet, roi_multiple=(16, 16, 16), min_roi=(32, 32, 32),
+@register_model("vnet", display="VNet", network=VNet, roi_multiple=(16, 16, 16), min_roi=(32, 32, 32), head="out_tr",
                 description="MONAI V-Net (Milletari 2016): residual 3D encoder-decoder, 5x5x5 convolutions")
 def vnet(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     model = VNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **args)
@@ -19,7 +19,7 @@ def vnet(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     return model
 
 
-@register_model("unetr", display="UNETR", network=UNETR, roi_multiple=(16, 16, 16), fixed_roi=True,
+@register_model("unetr", display="UNETR", network=UNETR, roi_multiple=(16, 16, 16), fixed_roi=True, head="out",
                 description="MONAI UNETR (Hatamizadeh 2022): ViT encoder on 16^3 patches, CNN decoder")
 def unetr(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     model = UNETR(in_channels=in_channels, out_channels=out_channels, img_size=roi, spatial_dims=3, **args)
@@ -28,7 +28,7 @@ def unetr(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     return model
 
 
-@register_model("swin_unetr", display="SwinUNETR", network=SwinUNETR, roi_multiple=(32, 32, 32), min_roi=(64, 64, 32),
+@register_model("swin_unetr", display="SwinUNETR", network=SwinUNETR, roi_multiple=(32, 32, 32), min_roi=(64, 64, 32), head="out",
                 description="MONAI Swin UNETR (Hatamizadeh 2022): shifted-window transformer encoder, 2^3 patches")
 def swin_unetr(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     return SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=3, use_checkpoint=grad_checkpointing, **args)

@@ -32,6 +32,8 @@ class ModelSpec:
     min_roi: tuple[int, int, int] = (1, 1, 1)
     # The network is built for one input size (UNETR's position embedding): windows must equal the ROI.
     fixed_roi: bool = False
+    # Name of the module that maps the last features to class logits; train.head_lr_scale applies to it.
+    head: str | None = None
 
     def accepted_args(self) -> list[str]:
         params = inspect.signature(self.network.__init__).parameters
@@ -42,11 +44,11 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, display: str, network: type, roi_multiple: tuple[int, int, int], description: str,
-                   min_roi: tuple[int, int, int] | None = None, fixed_roi: bool = False):
+                   min_roi: tuple[int, int, int] | None = None, fixed_roi: bool = False, head: str | None = None):
     def decorate(builder: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, display, builder, network, roi_multiple, description, min_roi or roi_multiple, fixed_roi)
+        _REGISTRY[name] = ModelSpec(name, display, builder, network, roi_multiple, description, min_roi or roi_multiple, fixed_roi, head)
         return builder
 
     return decorate
@@ -90,6 +92,8 @@ def _check_arg_types(spec: ModelSpec, args: dict) -> None:
     params = inspect.signature(spec.network.__init__).parameters
     for key, value in args.items():
         default = params[key].default if key in params else inspect.Parameter.empty
+        if value is None and key in params and "None" in str(params[key].annotation):
+            continue  # optional by the network's own signature (V-Net's dropout_prob_down: float | None)
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, (int, float)):
@@ -106,6 +110,30 @@ def _check_arg_types(spec: ModelSpec, args: dict) -> None:
         if defaults and all(type(d) is int and d > 0 for d in defaults) \
                 and any(isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 for v in values):
             raise BundleError(f"model.args.{key} must be positive (default {default!r}), got {value!r}")
+
+
+def check_head_lr(name: str, head_lr_scale: float) -> ModelSpec:
+    spec = get_spec(name)
+    if head_lr_scale != 1.0 and spec.head is None:
+        raise BundleError(f"train.head_lr_scale: {spec.display} has no registered output head; leave it at 1")
+    return spec
+
+
+def param_groups(name: str, model, head_lr_scale: float = 1.0) -> list[dict]:
+    """The model's parameters for the optimiser: the output head (``spec.head``) in a group of its
+    own whose learning rate is ``head_lr_scale`` times the schedule's (key ``lr_scale``), the rest in
+    another. V-Net's head follows batch norm, so only its own weights can scale the logits up; at a
+    CNN's rate that takes hundreds of steps (docs/benchmarks.md)."""
+    spec = check_head_lr(name, head_lr_scale)
+    if head_lr_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    prefix = spec.head + "."
+    named = list(model.named_parameters())
+    head = [p for n, p in named if n.startswith(prefix)]
+    rest = [p for n, p in named if not n.startswith(prefix)]
+    if not head:
+        raise BundleError(f"train.head_lr_scale: {spec.display} has no parameters under {spec.head!r}")
+    return [{"params": rest, "lr_scale": 1.0}, {"params": head, "lr_scale": head_lr_scale}]
 
 
 def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, grad_checkpointing: bool = False, **args):
