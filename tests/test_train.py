@@ -170,6 +170,11 @@ def test_every_shipped_bundle_trains_through_the_cli(name, workdir, cli):
     assert result.exit_code == 0, result.output
     runs = list((workdir / "runs").iterdir())
     assert len(runs) == 1 and json.loads((runs[0] / "run.json").read_text())["status"] == "complete"
+    # the step ran with the bundle's head rate: the saved optimizer's head group at that multiple of the rest
+    scale = load_bundle(BUNDLES / f"{name}.json").train.head_lr_scale
+    groups = torch.load(runs[0] / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert groups[0]["lr"] > 0
+    assert [g["lr"] / groups[0]["lr"] for g in groups] == ([1.0] if scale == 1 else [1.0, pytest.approx(scale)])
 
 
 @pytest.mark.slow
