@@ -96,8 +96,8 @@ class TrainConfig:
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-5
-    # Learning rate of the model's output head (its registered `head`) as a multiple of `lr`.
-    # V-Net needs it: its head follows batch norm, so only the head's own weights can scale up the logits.
+    # Learning rate of the model's output head (its registered `head`) as a multiple of `lr`. The shipped
+    # V-Net uses 25, UNETR 20: their heads follow normalisation, so only the head's weights scale the logits.
     head_lr_scale: float = 1.0
     # SGD uses Nesterov momentum (nnU-Net: 0.99, lr 1e-2).
     momentum: float = 0.99

@@ -18,7 +18,8 @@ def test_every_shipped_bundle_validates():
 
 
 def test_shipped_bundles_share_one_protocol():
-    """Same-protocol comparison: the shipped bundles differ only in the model (and UNETR's rate)."""
+    """Same-protocol comparison: the shipped bundles differ only in the model, its ROI and length, UNETR's
+    rate and the head's rate (V-Net, UNETR)."""
     protocol = None
     for name in ("vnet", "unetr", "swin_unetr", "fcn2d"):
         b = load_bundle(BUNDLES[0].parent / f"{name}.json")
@@ -29,7 +30,8 @@ def test_shipped_bundles_share_one_protocol():
         protocol = fields
         assert b.data.normalization == "ct" and b.data.ct_stats == "auto" and b.train.augment == "strong"
         assert b.postprocess.largest_component == b.data.labels  # single organs each
-        assert b.train.iterations is not None and b.train.lr in (2e-3, 5e-4)
+        assert b.train.iterations is not None and b.train.lr in (2e-3, 1e-3)
+        assert b.train.head_lr_scale == {"vnet": 25, "unetr": 20}.get(name, 1)
 
 
 def test_postprocess_classes_missing_from_the_labels_are_a_note_not_an_error():

@@ -85,17 +85,34 @@ def test_registry_errors_suggest():
         create_model("unetr", out_channels=2, roi=(32, 32, 32), hidden_size=100, num_heads=12)
 
 
-def test_head_lr_scale_puts_exactly_the_output_head_in_its_own_group():
-    model = create_model("vnet", out_channels=3, roi=(32, 32, 32))
-    rest, head = param_groups("vnet", model, 25.0)
-    expected = {id(p) for p in model.out_tr.parameters()}  # MONAI's name for V-Net's output transition
+# The module each network's logits come out of, by MONAI's names: what train.head_lr_scale speeds up.
+HEADS = {"vnet": "out_tr", "unetr": "out", "swin_unetr": "out"}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_head_lr_scale_puts_exactly_the_output_head_in_its_own_group(name):
+    args, roi = SMALL[name]
+    model = create_model(name, out_channels=3, roi=roi, **args)
+    rest, head = param_groups(name, model, 25.0)
+    expected = {id(p) for p in getattr(model, HEADS[name]).parameters()}
     assert {id(p) for p in head["params"]} == expected and head["lr_scale"] == 25.0
     assert not expected & {id(p) for p in rest["params"]} and rest["lr_scale"] == 1.0
     assert len(rest["params"]) + len(head["params"]) == len(list(model.parameters()))
-    assert len(param_groups("vnet", model, 1.0)) == 1
+    assert len(param_groups(name, model, 1.0)) == 1
+
+
+def test_head_lr_scale_needs_a_registered_head():
     with pytest.raises(BundleError, match="no registered output head"):
         check_head_lr("fcn2d", 2.0)
     check_head_lr("fcn2d", 1.0)
+
+
+def test_null_model_args_only_where_the_network_allows_none():
+    create_model("vnet", out_channels=2, roi=(32, 32, 32), dropout_prob_down=None)  # float | None
+    with pytest.raises(BundleError, match="must be like its default"):  # tuple[float | None, float]: None only inside
+        create_model("vnet", out_channels=2, roi=(32, 32, 32), dropout_prob_up=None)
+    with pytest.raises(BundleError, match="model.args for vnet"):  # one value for two: MONAI's IndexError, one line
+        create_model("vnet", out_channels=2, roi=(32, 32, 32), dropout_prob_up=[0.5])
 
 
 def test_vnet_learns_faster_with_its_head_at_a_higher_rate():
@@ -104,7 +121,7 @@ def test_vnet_learns_faster_with_its_head_at_a_higher_rate():
     (docs/benchmarks.md). Same data, same initialisation, 15 steps of DiceCE: the scaled head must end
     with a clearly lower loss."""
     from medseg.config import TrainConfig
-    from medseg.engine.components import make_loss, make_optimizer
+    from medseg.engine.components import make_loss, make_optimizer, set_lr
 
     torch.manual_seed(0)
     y = torch.zeros(1, 1, 32, 32, 32, dtype=torch.long)
@@ -118,8 +135,7 @@ def test_vnet_learns_faster_with_its_head_at_a_higher_rate():
         torch.manual_seed(0)
         model = create_model("vnet", out_channels=3, roi=(32, 32, 32), dropout_prob_down=None, dropout_prob_up=[None, 0.0])
         opt = make_optimizer(cfg, param_groups("vnet", model, scale))
-        for group in opt.param_groups:  # as the training loop sets it each step
-            group["lr"] = cfg.lr * group["lr_scale"]
+        set_lr(opt, cfg.lr)  # as the training loop does each step
         for _ in range(15):
             loss = loss_fn(model(x), y)
             opt.zero_grad()

@@ -22,7 +22,8 @@ from medseg.errors import MedsegError
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 # The smoke bundle (small ViT UNETR, 4 mm phantom) made shorter: 3 iterations per epoch.
 SHORT = ["train.iterations_per_epoch=3", "train.samples_per_volume=1", "tracking.backend=none"]
-EXACT = ["train.epochs=3", "train.scheduler=cosine", "model.args.dropout_rate=0.2"]
+# The head at 5x: a resume must restore both parameter groups and their rates.
+EXACT = ["train.epochs=3", "train.scheduler=cosine", "model.args.dropout_rate=0.2", "train.head_lr_scale=5"]
 
 
 def smoke(*overrides: str):
@@ -51,6 +52,14 @@ def straight(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     T.train(smoke(*EXACT), run_dir=run_dir, progress="off")
     return Run.open(run_dir)
+
+
+def test_the_head_trained_at_its_multiple_of_the_rate(straight):
+    """train.head_lr_scale reaches the optimiser: the last step's rates, as saved, are 5x apart."""
+    groups = torch.load(straight.path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[0]["lr"] > 0
+    assert groups[1]["lr"] == pytest.approx(5 * groups[0]["lr"], rel=1e-9)
+    assert len(groups[1]["params"]) == 2  # UNETR's head: the 1x1 convolution's weight and bias
 
 
 def test_resume_mid_epoch_is_bitwise_identical(straight, tmp_path, monkeypatch):
@@ -94,7 +103,7 @@ def test_incompatible_resume_is_refused_before_anything_is_written(tmp_path):
     before = snapshot(run_dir)
     for change, key in [("model.args.hidden_size=48", "model.args.hidden_size"), ('data.labels=["liver"]', "data.labels"),
                         ("train.roi=[48,48,48]", "train.roi"), ("data.spacing=[3,3,3]", "data.spacing"),
-                        ("data.hu_window=[-100,200]", "data.hu_window")]:
+                        ("data.hu_window=[-100,200]", "data.hu_window"), ("train.head_lr_scale=5", "train.head_lr_scale")]:
         bundle = T.load_bundle_for_resume(run_dir, ["train.epochs=2", change])
         with pytest.raises(MedsegError, match=f"with {key} changed"):
             T.train(bundle, run_dir=run_dir, resume=True, progress="off")

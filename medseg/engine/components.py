@@ -33,6 +33,13 @@ def make_loss(name: str) -> nn.Module:
     raise ValueError(f"unknown loss {name!r}")  # the bundle schema rules this out
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate for this step, times each group's ``lr_scale`` (the head's, see
+    :func:`medseg.models.param_groups`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from medseg.config import Bundle, bundle_from_dict, flatten, parse_checkpoint_every
-from medseg.engine.components import LOSS_NAMES, OPTIMIZER_NAMES, make_loss, make_optimizer
+from medseg.engine.components import LOSS_NAMES, OPTIMIZER_NAMES, make_loss, make_optimizer, set_lr
 from medseg.engine.device import amp_mode, autocast, grad_scaler, resolve_device
 from medseg.engine.hooks import test_hook
 from medseg.engine.progress import TrainProgress
@@ -470,9 +470,7 @@ class _Session:
 
     def train_step(self, batch) -> float:
         x, y = batch["image"].to(self.dev), batch["label"].to(self.dev)
-        lr = lr_at(self.schedule, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_lr(self.optimizer, lr_at(self.schedule, self.step))
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.loss_fn(self.model(x), y)

@@ -86,13 +86,30 @@ def check_window(name: str, train_roi, window_roi) -> None:
                           "the network is built for one input size (set sliding_window.roi to null)")
 
 
+def _optional(annotation) -> bool:
+    """Whether None is one of the annotation's top-level alternatives: ``float | None`` and
+    ``Optional[float]`` yes, ``tuple[float | None, float]`` no (None only inside the tuple)."""
+    text = str(annotation).replace("typing.", "")
+    if text.startswith("Optional["):
+        return True
+    depth, parts, start = 0, [], 0
+    for i, ch in enumerate(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return any(p.strip() in ("None", "NoneType") for p in parts)
+
+
 def _check_arg_types(spec: ModelSpec, args: dict) -> None:
     """A value whose type cannot be what the network's default is (``"feature_size": "abc"``) is a
     bundle error, not a TypeError deep inside the network."""
     params = inspect.signature(spec.network.__init__).parameters
     for key, value in args.items():
         default = params[key].default if key in params else inspect.Parameter.empty
-        if value is None and key in params and "None" in str(params[key].annotation):
+        if value is None and key in params and _optional(params[key].annotation):
             continue  # optional by the network's own signature (V-Net's dropout_prob_down: float | None)
         if isinstance(default, bool):
             ok = isinstance(value, bool)
@@ -149,6 +166,6 @@ def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, gra
     try:
         return spec.builder(in_channels=in_channels, out_channels=out_channels, roi=tuple(roi), grad_checkpointing=grad_checkpointing, **args)
     # MONAI validates its own arguments by raising these
-    except (ValueError, AssertionError, TypeError, KeyError, RuntimeError, OverflowError, ZeroDivisionError) as e:
+    except (ValueError, AssertionError, TypeError, KeyError, IndexError, RuntimeError, OverflowError, ZeroDivisionError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BundleError(f"model.args for {spec.name}: {detail}") from None
