@@ -229,6 +229,15 @@ def test_plan_refuses_what_train_would_before_reading_data(tmp_path, cli):
     missing = tmp_path / "no-such-data"
     res = cli("plan", str(missing), "--bundle", "bundles/swin_unetr.json", "--set", "train.roi=[32,32,32]")
     assert res.exit_code != 0 and "does not suit" in res.output and "Traceback" not in res.output
+    # model arguments and the head's rate too, for plan and for train with a planned bundle (ct_stats "auto")
+    for bundle, change, msg in (("vnet", "model.args.nonsense=1", "has no argument 'nonsense'"),
+                                ("unetr", "model.args.hidden_size=null", "must be like its default"),
+                                ("fcn2d", "train.head_lr_scale=2", "no registered output head")):
+        for command in (["plan", str(missing), "--bundle", f"bundles/{bundle}.json"],
+                        ["train", f"bundles/{bundle}.json", "--set", f"data.source={missing}", "--tracking", "none"]):
+            res = cli(*command, "--set", change)
+            assert res.exit_code != 0 and msg in res.output and "no cases" not in res.output, (command, res.output)
+            assert "Traceback" not in res.output
     for budget, msg in (("24", "has no unit"), ("1e300GB", "beyond any machine")):
         with pytest.raises(BundleError, match=msg):
             load_bundle(None, [f"plan.budget={budget}"])

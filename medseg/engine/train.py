@@ -129,7 +129,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     from monai.utils import set_determinism
 
     from medseg.data.datasets import prepare
-    from medseg.models import check_head_lr, check_window
+    from medseg.models import check_head_lr, check_model_args, check_window
     from medseg.track import make_tracker
 
     console = console or Console(stderr=True)
@@ -172,6 +172,9 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     planned = bundle.planned_fields()
     if not planned:  # a bad model argument or ROI fails before the data are read
         model = build_model(bundle)
+        check_window(bundle.model.name, t.roi, bundle.infer_roi)
+    check_model_args(bundle.model.name, bundle.model.args)  # also when ct_stats or the ROI wait for the plan
+    if t.roi != "auto":
         check_window(bundle.model.name, t.roi, bundle.infer_roi)
     spec = check_head_lr(bundle.model.name, t.head_lr_scale)
     mode = progress if show_progress else "off"

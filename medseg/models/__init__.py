@@ -8,6 +8,7 @@ from medseg.models import nets as _nets  # noqa: F401,E402  (registers the built
 from medseg.models.registry import (
     ModelSpec,
     check_head_lr,
+    check_model_args,
     check_roi,
     check_window,
     create_model,
@@ -17,5 +18,5 @@ from medseg.models.registry import (
     register_model,
 )
 
-__all__ = ["ModelSpec", "check_head_lr", "check_roi", "check_window", "create_model", "get_spec", "list_models", "param_groups",
+__all__ = ["ModelSpec", "check_head_lr", "check_model_args", "check_roi", "check_window", "create_model", "get_spec", "list_models", "param_groups",
            "register_model"]

@@ -153,7 +153,9 @@ def param_groups(name: str, model, head_lr_scale: float = 1.0) -> list[dict]:
     return [{"params": rest, "lr_scale": 1.0}, {"params": head, "lr_scale": head_lr_scale}]
 
 
-def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, grad_checkpointing: bool = False, **args):
+def check_model_args(name: str, args: dict) -> ModelSpec:
+    """Names and types of a bundle's model.args, checked without building the network (plan and
+    train do this before reading any data)."""
     spec = get_spec(name)
     accepted = spec.accepted_args()
     for key in args:
@@ -162,6 +164,11 @@ def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, gra
             hint = f"; did you mean {match[0]!r}?" if match else f"; it takes: {', '.join(accepted)}"
             raise BundleError(f"model.args: {spec.name} has no argument {key!r}{hint}")
     _check_arg_types(spec, args)
+    return spec
+
+
+def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, grad_checkpointing: bool = False, **args):
+    spec = check_model_args(name, args)
     check_roi(name, roi)
     try:
         return spec.builder(in_channels=in_channels, out_channels=out_channels, roi=tuple(roi), grad_checkpointing=grad_checkpointing, **args)
