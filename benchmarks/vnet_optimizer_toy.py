@@ -18,12 +18,19 @@ from monai.networks.nets import VNet
 from medseg.engine.components import set_lr
 from medseg.models import param_groups
 
-OPTIMISERS = {
-    "AdamW 2e-3": lambda p: torch.optim.AdamW(p, 2e-3),
-    "AdamW 3e-4": lambda p: torch.optim.AdamW(p, 3e-4),
-    "AdamW 1e-2": lambda p: torch.optim.AdamW(p, 1e-2),
-    "SGD 1e-2, Nesterov 0.99 (nnU-Net)": lambda p: torch.optim.SGD(p, 1e-2, momentum=0.99, nesterov=True),
-    "AdamW 2e-3, head at 25x (shipped)": "head",
+
+def _head_at_25x(model: torch.nn.Module) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW(param_groups("vnet", model, 25.0), 2e-3)
+    set_lr(opt, 2e-3)
+    return opt
+
+
+OPTIMISERS = {  # each makes the optimiser for a freshly built model
+    "AdamW 2e-3": lambda m: torch.optim.AdamW(m.parameters(), 2e-3),
+    "AdamW 3e-4": lambda m: torch.optim.AdamW(m.parameters(), 3e-4),
+    "AdamW 1e-2": lambda m: torch.optim.AdamW(m.parameters(), 1e-2),
+    "SGD 1e-2, Nesterov 0.99 (nnU-Net)": lambda m: torch.optim.SGD(m.parameters(), 1e-2, momentum=0.99, nesterov=True),
+    "AdamW 2e-3, head at 25x (shipped)": _head_at_25x,
 }
 
 
@@ -39,11 +46,7 @@ def main() -> None:
     for name, make in OPTIMISERS.items():
         torch.manual_seed(0)
         model = VNet(spatial_dims=3, in_channels=1, out_channels=3)
-        if make == "head":
-            opt = torch.optim.AdamW(param_groups("vnet", model, 25.0), 2e-3)
-            set_lr(opt, 2e-3)
-        else:
-            opt = make(model.parameters())
+        opt = make(model)
         for _ in range(40):
             loss = loss_fn(model(x), y)
             opt.zero_grad()

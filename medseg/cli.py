@@ -282,7 +282,7 @@ def plan(
     from medseg.data.datasets import prepare
     from medseg.engine.device import resolve_device
     from medseg.engine.train import print_plan, resolve_paths
-    from medseg.models import check_head_lr, check_model_args, check_window
+    from medseg.models import check_before_data, check_window
     from medseg.plan import apply_plan, fingerprint, make_plan
 
     overrides = list(set_ or [])
@@ -307,11 +307,7 @@ def plan(
             raise MedsegError(f"-o {output}: {parent} is a file, not a folder")
         if parent is not None and not os.access(parent, os.W_OK):
             raise MedsegError(f"-o {output}: cannot write to {parent} (permission denied or read-only file system)")
-    # what medseg train would refuse, refused before the data are read
-    check_model_args(cfg.model.name, cfg.model.args)
-    check_head_lr(cfg.model.name, cfg.train.head_lr_scale)
-    if cfg.train.roi != "auto":
-        check_window(cfg.model.name, cfg.train.roi, cfg.infer_roi)
+    check_before_data(cfg.model.name, cfg.model.args, cfg.train.head_lr_scale, cfg.train.roi, cfg.infer_roi)
     dev = resolve_device(device)
     found, lut, train_cases, _, notes = prepare(cfg.data, cfg.data.labels)
     for note in notes:

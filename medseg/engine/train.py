@@ -129,7 +129,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     from monai.utils import set_determinism
 
     from medseg.data.datasets import prepare
-    from medseg.models import check_head_lr, check_model_args, check_window
+    from medseg.models import check_before_data, check_window
     from medseg.track import make_tracker
 
     console = console or Console(stderr=True)
@@ -170,13 +170,10 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
         raise MedsegError(f"{run_dir} already holds a run; choose another --run-dir, or continue it with --resume")
     set_determinism(seed=t.seed)
     planned = bundle.planned_fields()
-    if not planned:  # a bad model argument or ROI fails before the data are read
+    # a bad model argument, head rate or ROI fails before the data are read, also when the plan fills in ct_stats or the ROI
+    spec = check_before_data(bundle.model.name, bundle.model.args, t.head_lr_scale, t.roi, bundle.infer_roi)
+    if not planned:  # and what only building the network shows (MONAI's own checks)
         model = build_model(bundle)
-        check_window(bundle.model.name, t.roi, bundle.infer_roi)
-    check_model_args(bundle.model.name, bundle.model.args)  # also when ct_stats or the ROI wait for the plan
-    if t.roi != "auto":
-        check_window(bundle.model.name, t.roi, bundle.infer_roi)
-    spec = check_head_lr(bundle.model.name, t.head_lr_scale)
     mode = progress if show_progress else "off"
 
     def data_progress(stage: str, i: int, n: int) -> None:

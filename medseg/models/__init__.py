@@ -7,6 +7,7 @@ slice-by-slice FCN).
 from medseg.models import nets as _nets  # noqa: F401,E402  (registers the built-ins)
 from medseg.models.registry import (
     ModelSpec,
+    check_before_data,
     check_head_lr,
     check_model_args,
     check_roi,
@@ -18,5 +19,5 @@ from medseg.models.registry import (
     register_model,
 )
 
-__all__ = ["ModelSpec", "check_head_lr", "check_model_args", "check_roi", "check_window", "create_model", "get_spec", "list_models", "param_groups",
-           "register_model"]
+__all__ = ["ModelSpec", "check_before_data", "check_head_lr", "check_model_args", "check_roi", "check_window", "create_model",
+           "get_spec", "list_models", "param_groups", "register_model"]

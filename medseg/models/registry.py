@@ -167,6 +167,16 @@ def check_model_args(name: str, args: dict) -> ModelSpec:
     return spec
 
 
+def check_before_data(name: str, args: dict, head_lr_scale: float, roi, window_roi) -> ModelSpec:
+    """What `medseg plan` and `medseg train` refuse before reading any data: model arguments, the
+    head's rate, and the ROI and window when they are given rather than planned."""
+    spec = check_model_args(name, args)
+    check_head_lr(name, head_lr_scale)
+    if roi != "auto":
+        check_window(name, roi, window_roi)
+    return spec
+
+
 def create_model(name: str, *, out_channels: int, roi, in_channels: int = 1, grad_checkpointing: bool = False, **args):
     spec = check_model_args(name, args)
     check_roi(name, roi)
