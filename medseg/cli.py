@@ -366,7 +366,7 @@ def models() -> None:
         table.add_column(col, justify="right" if col == "parameters" else "left")
     for name in list_models():
         spec = get_spec(name)
-        roi = (96, 96, 1) if name == "fcn2d" else (96, 96, 96)
+        roi = (96, 96, 1) if spec.axial_slices else (96, 96, 96)
         # Built on the CPU: Swin UNETR's constructor calls .item(), which the meta device refuses.
         n = sum(p.numel() for p in create_model(name, out_channels=5, roi=roi).parameters())
         constraint = f"{list(spec.roi_multiple)} / {list(spec.min_roi)}"

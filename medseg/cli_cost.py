@@ -103,7 +103,7 @@ def _resolve_model(model: str | None, bundle: Path | None, run: Path | None, roi
     else:
         name, args = model, _model_args(arg)
         spec = get_spec(name)
-        train_roi = infer_roi = shape or ((96, 96, 1) if spec.name == "fcn2d" else (96, 96, 96))
+        train_roi = infer_roi = shape or ((96, 96, 1) if spec.axial_slices else (96, 96, 96))
         classes = classes or 14
     check_roi(name, train_roi)
     check_roi(name, infer_roi)
@@ -206,6 +206,7 @@ def flops(
 def _model_flops(target: Target, volume, overlap, tta, batch, as_json) -> None:
     from medseg.cost.analytic import human
     from medseg.cost.counted import model_cost, training_cost, volume_cost
+    from medseg.models import get_spec
 
     name, shape, classes, args, cfg = target.name, target.roi, target.classes, target.args, target.cfg
     overlap = _overlap(overlap, cfg)
@@ -217,7 +218,7 @@ def _model_flops(target: Target, volume, overlap, tta, batch, as_json) -> None:
     report["training_per_iteration"] = training_cost(cost, batch)
     if vol:
         window = model_cost(name, target.infer_roi, classes, args) if target.infer_roi != shape else cost
-        report["inference_volume"] = volume_cost(window, vol, overlap, tta, slice_model=name == "fcn2d")
+        report["inference_volume"] = volume_cost(window, vol, overlap, tta, slice_model=get_spec(name).axial_slices)
     if as_json:
         out.print_json(json.dumps(report))
         return
@@ -282,8 +283,8 @@ def memory(
             raise MedsegError(f"--budget: {e}") from None
     target = _resolve_model(model, bundle, run, roi, classes, arg)
     name, cfg = target.name, target.cfg
-    if limit is not None and name == "fcn2d":
-        raise MedsegError("--budget plans 3D ROIs; for fcn2d pick the slice size directly")
+    if limit is not None and get_spec(name).axial_slices:
+        raise MedsegError(f"--budget plans 3D ROIs; for {name} pick the slice size directly")
     overlap = _overlap(overlap, cfg)
     vol = parse_ints(volume, "--volume", 3) if volume else None
     train_cfg = cfg.train if cfg is not None else None

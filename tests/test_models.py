@@ -12,11 +12,12 @@ SMALL = {
     "unetr": ({"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}, (32, 32, 32)),
     "swin_unetr": ({"feature_size": 12}, (64, 64, 32)),  # its smallest ROI
     "fcn2d": ({"features": [8, 16, 16, 32, 32]}, (40, 36, 2)),
+    "fcn_triplanar": ({"features": [8, 8, 16, 16, 16], "train_slices": 2}, (40, 36, 32)),
 }
 
 
-def test_all_four_models_are_registered():
-    assert set(list_models()) >= {"vnet", "unetr", "swin_unetr", "fcn2d"}
+def test_all_five_models_are_registered():
+    assert set(list_models()) >= {"vnet", "unetr", "swin_unetr", "fcn2d", "fcn_triplanar"}
     assert set(SMALL) == set(list_models()), "add the new model to SMALL"
 
 

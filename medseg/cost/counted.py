@@ -58,9 +58,13 @@ def build_on_meta(name: str, roi, classes: int, args: dict | None = None, grad_c
 def count_flops(model: torch.nn.Module, x: torch.Tensor, backward: bool = False) -> tuple[int, dict[str, int]]:
     """Total FLOPs of ``model(x)`` (and its backward) and the forward FLOPs per top-level module."""
     with FlopCounterMode(display=False, depth=2) as counter:
-        y = model(x)
-        if backward:
-            y.float().sum().backward()
+        if backward and hasattr(model, "training_loss"):  # a model that trains on part of the patch (fcn_triplanar's slices)
+            y = torch.zeros((x.shape[0], 1, *x.shape[2:]), device=x.device)
+            model.training_loss(x, y, lambda logits, target: logits.float().sum()).backward()
+        else:
+            y = model(x)
+            if backward:
+                y.float().sum().backward()
     counts = counter.get_flop_counts()
     root = type(model).__name__
     per_module = {key.split(".", 1)[1]: sum(ops.values()) for key, ops in counts.items() if key.count(".") == 1 and key.startswith(root + ".")}

@@ -79,6 +79,7 @@ class Predictor:
                  method: str = "auto", checkpoint: str = "best", resample: str = "auto", postprocess: bool = True) -> None:
         from medseg.engine.device import amp_mode, autocast, resolve_device
         from medseg.engine.run import latest_complete_run
+        from medseg.models import get_spec
 
         if checkpoint not in CHECKPOINTS:
             raise MedsegError(f"--checkpoint must be best or last, got {checkpoint!r}")
@@ -97,7 +98,7 @@ class Predictor:
         self.largest_component = [by_name[n] for n in self.bundle.postprocess.largest_component if n in by_name] if postprocess else []
         self.model = self.run.build_model(checkpoint, self.device)
         self.amp = amp_mode(self.bundle.train.amp, self.device)
-        self._predict = network_fn(self.model, autocast(self.amp, self.device), tta, slice_model=self.bundle.model.name == "fcn2d")
+        self._predict = network_fn(self.model, autocast(self.amp, self.device), tta, slice_model=get_spec(self.bundle.model.name).axial_slices)
 
     @property
     def overlap(self) -> float:

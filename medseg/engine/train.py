@@ -473,7 +473,10 @@ class _Session:
         set_lr(self.optimizer, lr_at(self.schedule, self.step))
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = self.loss_fn(self.model(x), y)
+            if hasattr(self.model, "training_loss"):  # the model scores what it trains on (fcn_triplanar: slices per axis)
+                loss = self.model.training_loss(x, y, self.loss_fn)
+            else:
+                loss = self.loss_fn(self.model(x), y)
         if not torch.isfinite(loss):
             raise MedsegError(f"the loss became {loss.item()} at step {self.step + 1} (lower train.lr, or check the data)")
         if self.scaler is not None:

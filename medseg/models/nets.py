@@ -8,6 +8,7 @@ from monai.networks.nets import UNETR, SwinUNETR, VNet
 from medseg.models.checkpointing import checkpoint_children
 from medseg.models.fcn2d import FCN2D, SliceWise
 from medseg.models.registry import register_model
+from medseg.models.triplanar import TriPlanar
 
 
 @register_model("vnet", display="VNet", network=VNet, roi_multiple=(16, 16, 16), min_roi=(32, 32, 32), head="out_tr",
@@ -34,10 +35,20 @@ def swin_unetr(in_channels, out_channels, roi, grad_checkpointing=False, **args)
     return SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=3, use_checkpoint=grad_checkpointing, **args)
 
 
-@register_model("fcn2d", display="FCN2D", network=FCN2D, roi_multiple=(1, 1, 1), min_roi=(32, 32, 1),
+@register_model("fcn2d", display="FCN2D", network=FCN2D, roi_multiple=(1, 1, 1), min_roi=(32, 32, 1), axial_slices=True,
                 description="2D FCN-8s baseline applied slice by slice along the axial axis (train with ROI depth 1)")
 def fcn2d(in_channels, out_channels, roi, grad_checkpointing=False, **args):
     net = FCN2D(in_channels=in_channels, out_channels=out_channels, **args)
     if grad_checkpointing:
         checkpoint_children(net, ["stages"])
     return SliceWise(net)
+
+
+@register_model("fcn_triplanar", display="FCNTriPlanar", network=TriPlanar, roi_multiple=(1, 1, 1), min_roi=(32, 32, 32),
+                description="three 2D FCN-8s (axial, coronal, sagittal), per-voxel probabilities fused (Zhou 2017); 3D windows")
+def fcn_triplanar(in_channels, out_channels, roi, grad_checkpointing=False, **args):
+    model = TriPlanar(in_channels=in_channels, out_channels=out_channels, **args)
+    if grad_checkpointing:
+        for net in model.nets.values():
+            checkpoint_children(net, ["stages"])
+    return model

@@ -34,6 +34,9 @@ class ModelSpec:
     fixed_roi: bool = False
     # Name of the module that maps the last features to class logits; train.head_lr_scale applies to it.
     head: str | None = None
+    # The network sees one axial slice at a time (fcn2d): trained on ROIs of depth 1, and test-time
+    # mirroring across slices adds nothing.
+    axial_slices: bool = False
 
     def accepted_args(self) -> list[str]:
         params = inspect.signature(self.network.__init__).parameters
@@ -44,11 +47,13 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, display: str, network: type, roi_multiple: tuple[int, int, int], description: str,
-                   min_roi: tuple[int, int, int] | None = None, fixed_roi: bool = False, head: str | None = None):
+                   min_roi: tuple[int, int, int] | None = None, fixed_roi: bool = False, head: str | None = None,
+                   axial_slices: bool = False):
     def decorate(builder: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, display, builder, network, roi_multiple, description, min_roi or roi_multiple, fixed_roi, head)
+        _REGISTRY[name] = ModelSpec(name, display, builder, network, roi_multiple, description, min_roi or roi_multiple, fixed_roi, head,
+                                    axial_slices)
         return builder
 
     return decorate
