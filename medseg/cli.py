@@ -6,6 +6,7 @@ can cause (:class:`~medseg.errors.MedsegError`) print as one line and exit with 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from medseg import __version__
-from medseg.cli_common import DeviceOpt, SetOpt, TrackingOpt, app, err, out, path_arg, print_table, user_errors
+from medseg.cli_common import DeviceOpt, FoldsOpt, SetOpt, SplitOpt, TrackingOpt, app, err, out, path_arg, print_table, user_errors
 from medseg.errors import MedsegError
 
 
@@ -41,6 +42,10 @@ def train(
                                          "(or from the start if it was killed before one).")] = False,
     progress: Annotated[str, typer.Option("--progress", help="auto (bars on a terminal, plain lines in a log), rich, plain or off.")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", metavar="", help="Same as --progress off.")] = False,
+    fold: Annotated[int | None, typer.Option("--fold", metavar="k", help="Train fold k (0 .. K-1) of K-fold cross-validation "
+                                             "(data.fold); its validation cases are part k.")] = None,
+    folds: FoldsOpt = None,
+    split: SplitOpt = None,
 ) -> None:
     """Train a model from a bundle; with no data named, on the built-in synthetic CT phantom.
 
@@ -54,6 +59,9 @@ def train(
     overrides = list(set_ or [])
     if tracking == "none":
         overrides.append("tracking.backend=none")
+    if (folds is not None or split is not None) and fold is None:
+        raise MedsegError("--folds and --split choose how cases are split; name the fold to train with --fold k")
+    overrides += [f"data.{k}={json.dumps(v)}" for k, v in (("fold", fold), ("folds", folds), ("split_file", split)) if v is not None]
     if resume:
         if bundle is not None:
             raise MedsegError("--resume continues the run's own bundle; leave out BUNDLE and change keys with --set")
@@ -131,7 +139,9 @@ def infer(
                                                "dataset folder (imagesTr/ and imagesTs/, or image.nii.gz: only images are segmented).")],
     output_arg: Annotated[str | None, typer.Option("-o", "--output", metavar="PATH",
                                                    help="Output label map (one scan) or folder (a folder input).")] = None,
-    run: Annotated[Path | None, typer.Option("--run", metavar="DIR", help="Run directory; default: the newest complete run under ./runs.")] = None,
+    run: Annotated[list[Path] | None, typer.Option("--run", metavar="DIR", help="Run directory; default: the newest complete run under "
+                                                    "./runs. Repeat it, or name a folder of runs (e.g. a model's folds), for an ensemble: "
+                                                    "the mean of their probabilities.")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", metavar="best|last",
                                             help="best (best validation Dice) or last (the latest checkpoint).")] = "best",
     device: DeviceOpt = "auto",
@@ -173,10 +183,14 @@ def infer(
                           checkpoint=checkpoint, resample=resample, postprocess=not no_postprocess)
     predictor.class_subset(classes)  # an unknown name fails before the first case
     names = ", ".join(list(predictor.names.values())[1:])
-    err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {names})", soft_wrap=True, highlight=False)
-    if predictor.run.status != "complete":
-        err.print(f"[yellow]note:[/yellow] this run is {predictor.run.status}, not complete; using its {checkpoint} checkpoint",
-                  soft_wrap=True, highlight=False)
+    if len(predictor.runs) > 1:
+        err.print(f"ensemble of {len(predictor.runs)} runs: {', '.join(r.name for r in predictor.runs)} ({names})", soft_wrap=True, highlight=False)
+    else:
+        err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {names})", soft_wrap=True, highlight=False)
+    for r in predictor.runs:
+        if r.status != "complete":
+            err.print(f"[yellow]note:[/yellow] run {r.name} is {r.status}, not complete; using its {checkpoint} checkpoint",
+                      soft_wrap=True, highlight=False)
     failed: list[str] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err) as bar:

@@ -21,6 +21,10 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VA
                                                   help="Override a bundle key, e.g. train.epochs=2 (repeatable; JSON values parsed).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 TrackingOpt = Annotated[str, typer.Option("--tracking", help="mlflow (default) or none.")]
+FoldsOpt = Annotated[int | None, typer.Option("--folds", metavar="K", help="K-fold cross-validation: the number of folds (default 5, "
+                                              "as nnU-Net; data.folds).")]
+SplitOpt = Annotated[str | None, typer.Option("--split", metavar="FILE", help="Split file: a JSON list of {\"train\": [...], "
+                                              "\"val\": [...]} by case name (nnU-Net's splits_final.json; data.split_file).")]
 
 
 def _one_line_usage_error(e) -> None:

@@ -74,6 +74,13 @@ class DataConfig:
     ct_stats: CTStats | Literal["auto"] = "auto"
     val_fraction: float = 0.2
     split_seed: int = 0
+    # K-fold cross-validation (nnU-Net's 5 folds): with `fold` set (0 .. folds-1), the cases are
+    # shuffled by `split_seed`, cut into `folds` parts, and part `fold` is validation (`val_fraction`
+    # is then unused). `split_file`: a JSON list of {"train": [names], "val": [names]} (nnU-Net's
+    # splits_final.json; `medseg compare` writes one) of which `fold` picks one; `folds` then follows it.
+    folds: int = 5
+    fold: int | None = None
+    split_file: str | None = None
     cache: bool = True
     num_workers: int = 0
 
@@ -376,6 +383,11 @@ def _check_values(b: Bundle) -> None:
         need(d.ct_stats.low < d.ct_stats.high, "data.ct_stats: low must be below high")
         need(d.ct_stats.std > 0, "data.ct_stats.std must be > 0")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+    need(d.folds >= 2, "data.folds must be at least 2 (K-fold cross-validation)")
+    need(d.fold is None or d.fold >= 0, "data.fold must be >= 0 or null")
+    need(d.fold is None or d.split_file is not None or d.fold < d.folds,
+         f"data.fold {d.fold} is not one of data.folds {d.folds}'s folds (0 .. {d.folds - 1})")
+    need(d.split_file is None or d.fold is not None, "data.split_file needs data.fold: which of its splits to train")
     need(d.phantom.cases >= 1, "data.phantom.cases must be at least 1")
     need(d.num_workers >= 0, "data.num_workers must be >= 0")
     need(t.roi == "auto" or (len(t.roi) == 3 and all(r >= 1 for r in t.roi)), "train.roi must be \"auto\" or 3 positive integers")

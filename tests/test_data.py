@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_case, write_case
 
 from medseg.config import DataConfig, bundle_from_dict
-from medseg.data.datasets import Case, prepare, resolve_source, split
+from medseg.data.datasets import Case, fold_split, kfold, prepare, read_split_file, resolve_source, split
 from medseg.data.labels import apply_lut, build_lut, read_source_labels
 from medseg.errors import BundleError, DataError
 
@@ -181,6 +181,42 @@ def test_split_is_deterministic_and_disjoint():
     assert split(cases, 0.2, seed=1)[1] != val
     one_train, one_val, note = split(cases[:1], 0.2, seed=0)
     assert one_train == one_val and "only one case" in note
+
+
+def test_kfold_splits_partition_the_cases():
+    cases = [Case(f"c{i:02d}", "", "") for i in range(11)]
+    splits = kfold(cases, 5, seed=0)
+    assert splits == kfold(list(reversed(cases)), 5, seed=0)  # by name, not by the order found
+    assert splits != kfold(cases, 5, seed=1)
+    vals = [s["val"] for s in splits]
+    assert sorted(n for v in vals for n in v) == [c.name for c in cases]  # every case validated exactly once
+    assert sorted(len(v) for v in vals) == [2, 2, 2, 2, 3]
+    for s in splits:
+        assert not set(s["train"]) & set(s["val"]) and len(s["train"]) + len(s["val"]) == 11
+    with pytest.raises(DataError, match="needs at least 5"):
+        kfold(cases[:4], 5, seed=0)
+
+
+def test_fold_split_reads_a_split_file(tmp_path):
+    cases = [Case(f"c{i}", "", "") for i in range(4)]
+    path = tmp_path / "splits_final.json"
+    path.write_text(json.dumps([{"train": ["c0", "c1"], "val": ["c2", "c3"]}, {"train": ["c2", "c3"], "val": ["c0", "c1"]}]))
+    cfg = DataConfig(fold=1, split_file=str(path))
+    train, val, splits = fold_split(cfg, cases)
+    assert [c.name for c in train] == ["c2", "c3"] and [c.name for c in val] == ["c0", "c1"] and len(splits) == 2
+    with pytest.raises(DataError, match="has 2 split"):
+        fold_split(DataConfig(fold=2, split_file=str(path)), cases)
+    for content, message in [('[{"train": ["c0"], "val": ["c9"]}]', "do not have \\(first: c9\\)"),
+                             ('[{"train": ["c0"], "val": ["c0"]}]', "trains and validates on c0"),
+                             ('{"folds": 3}', "expected a list"), ("not json", "cannot read it"),
+                             ('[{"train": [], "val": ["c0"]}]', "no training cases")]:
+        path.write_text(content)
+        with pytest.raises(DataError, match=message):
+            read_split_file(path, cases)
+    with pytest.raises(BundleError, match="data.split_file needs data.fold"):
+        bundle_from_dict({"data": {"split_file": str(path)}})
+    with pytest.raises(BundleError, match="data.fold 5 is not one of"):
+        bundle_from_dict({"data": {"fold": 5}})
 
 
 def test_transforms_resample_to_ras_and_window(tmp_path):

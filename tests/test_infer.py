@@ -283,7 +283,7 @@ def test_killed_run_is_noted(threshold_run, tmp_path, cli):
     nib.save(make_case(seed=3, index=0).image, tmp_path / "a.nii.gz")
     result = cli("infer", tmp_path / "a.nii.gz", "--run", threshold_run)
     assert result.exit_code == 0, result.output
-    assert "note: this run is killed, not complete; using its best checkpoint" in " ".join(result.output.split())
+    assert "is killed, not complete; using its best checkpoint" in " ".join(result.output.split())
     assert json.loads((tmp_path / "a_seg.json").read_text())["run_status"] == "killed"
 
 

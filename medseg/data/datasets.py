@@ -40,6 +40,7 @@ class Datalist:
     source_labels: dict[int, str] | None  # None: values 1..N are data.labels in order
     root: Path
     notes: list[str] = field(default_factory=list)
+    splits: list[dict[str, list[str]]] | None = None  # every fold's split, when data.fold picked one
 
 
 def resolve_source(cfg: DataConfig, progress=None) -> Datalist:
@@ -178,6 +179,54 @@ def split(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case]
     return ordered[n_val:], ordered[:n_val], None
 
 
+def kfold(cases: list[Case], folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """``folds`` splits by case name (nnU-Net's splits_final.json layout): the names sorted, shuffled
+    with ``seed``, cut into ``folds`` parts of near-equal size; split k validates on part k."""
+    if len(cases) < folds:
+        raise DataError(f"data.folds {folds}: only {len(cases)} case(s); {folds}-fold cross-validation needs at least {folds}")
+    names = sorted(c.name for c in cases)
+    random.Random(seed).shuffle(names)
+    parts = [names[k::folds] for k in range(folds)]
+    return [{"train": sorted(n for j, p in enumerate(parts) if j != k for n in p), "val": sorted(parts[k])} for k in range(folds)]
+
+
+def read_split_file(path: str | Path, cases: list[Case]) -> list[dict[str, list[str]]]:
+    """A split file: a JSON list of {"train": [names], "val": [names]}; every name must be a case,
+    and a split may not validate on a case it trains on."""
+    path = Path(path)
+    try:
+        splits = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.split_file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if isinstance(splits, dict) and "train" in splits:
+        splits = [splits]
+    if not isinstance(splits, list) or not splits or not all(
+            isinstance(s, dict) and all(isinstance(s.get(k), list) and all(isinstance(n, str) for n in s[k]) for k in ("train", "val"))
+            for s in splits):
+        raise DataError(f"data.split_file {path}: expected a list of {{\"train\": [case names], \"val\": [case names]}}")
+    known = {c.name for c in cases}
+    for k, s in enumerate(splits):
+        unknown = sorted(set(s["train"] + s["val"]) - known)
+        if unknown:
+            raise DataError(f"data.split_file {path}: split {k} names {len(unknown)} case(s) the data do not have (first: {unknown[0]})")
+        both = sorted(set(s["train"]) & set(s["val"]))
+        if both:
+            raise DataError(f"data.split_file {path}: split {k} trains and validates on {both[0]}")
+        if not s["train"] or not s["val"]:
+            raise DataError(f"data.split_file {path}: split {k} has no {'training' if not s['train'] else 'validation'} cases")
+    return splits
+
+
+def fold_split(cfg: DataConfig, cases: list[Case]) -> tuple[list[Case], list[Case], list[dict[str, list[str]]]]:
+    """The training and validation cases of ``cfg.fold``, and every split they come from."""
+    splits = read_split_file(cfg.split_file, cases) if cfg.split_file is not None else kfold(cases, cfg.folds, cfg.split_seed)
+    if cfg.fold >= len(splits):
+        raise DataError(f"data.fold {cfg.fold}: {cfg.split_file or 'the split'} has {len(splits)} split(s) (0 .. {len(splits) - 1})")
+    by_name = {c.name: c for c in cases}
+    chosen = splits[cfg.fold]
+    return [by_name[n] for n in chosen["train"]], [by_name[n] for n in chosen["val"]], splits
+
+
 def prepare(cfg: DataConfig, labels: list[str], progress=None) -> tuple[Datalist, np.ndarray, list[Case], list[Case], list[str]]:
     """Resolve, map labels, validate and split. Everything a user can get wrong fails here,
     before a run directory exists. ``progress(stage, i, n)`` follows the phantom writing
@@ -193,7 +242,10 @@ def prepare(cfg: DataConfig, labels: list[str], progress=None) -> tuple[Datalist
     if missing:
         raise DataError(f"data.labels: {', '.join(repr(n) for n in missing)} occur{'s' if len(missing) == 1 else ''} in none of the "
                         f"{len(found.cases)} case(s) of {cfg.source}: a model cannot learn a class it never sees; remove it from data.labels")
-    train, val, note = split(found.cases, cfg.val_fraction, cfg.split_seed)
-    if note:
-        notes.append(note)
+    if cfg.fold is not None:
+        train, val, found.splits = fold_split(cfg, found.cases)
+    else:
+        train, val, note = split(found.cases, cfg.val_fraction, cfg.split_seed)
+        if note:
+            notes.append(note)
     return found, lut, train, val, notes

@@ -34,7 +34,9 @@ from medseg.data.io import case_name, is_nifti, publish, read_image, spacing_of,
 from medseg.data.transforms import body_threshold, intensity_map
 from medseg.engine.pipeline import (
     Grids,
+    WindowResult,
     WindowSpec,
+    argmax0,
     body_box,
     choose_resample,
     network_fn,
@@ -66,39 +68,49 @@ class Segmentation:
 
 
 class Predictor:
-    """A trained run, ready to segment. Heavy objects (the model) are built once.
+    """A trained run, or several (a fold ensemble), ready to segment. Heavy objects (the models) are built once.
 
-    ``run``: a run directory or :class:`Run` (default: the newest complete run under ``runs_root``);
+    ``run``: a run directory or :class:`Run`, a folder of runs (every complete run in it), or a list
+    of those (default: the newest complete run under ``runs_root``). Several runs are an ensemble:
+    each runs its own sliding window on the same preprocessed scan and their class probabilities are
+    averaged before the way back to the input grid, so they must share the class names and the
+    preprocessing (spacing, intensity normalisation), as the folds of one bundle do.
     ``checkpoint``: ``best`` (model_best.pt) or ``last`` (the model in checkpoint.pt); ``method``:
     the sliding window (auto, monai, stream); ``resample``: back to the input grid (auto, linear,
     nearest; see :func:`medseg.engine.pipeline.choose_resample`); ``postprocess``: apply the run's
     ``postprocess.largest_component`` (True) or return the raw argmax (False)."""
 
-    def __init__(self, run: str | Path | Run | None = None, *, runs_root: str | Path = "runs", device: str = "auto",
-                 overlap: float | None = None, sw_batch_size: int | None = None, tta: bool = False,
+    def __init__(self, run: str | Path | Run | list[str | Path | Run] | None = None, *, runs_root: str | Path = "runs",
+                 device: str = "auto", overlap: float | None = None, sw_batch_size: int | None = None, tta: bool = False,
                  method: str = "auto", checkpoint: str = "best", resample: str = "auto", postprocess: bool = True) -> None:
         from medseg.engine.device import amp_mode, autocast, resolve_device
-        from medseg.engine.run import latest_complete_run
         from medseg.models import get_spec
 
         if checkpoint not in CHECKPOINTS:
             raise MedsegError(f"--checkpoint must be best or last, got {checkpoint!r}")
         choose_resample(resample, 1, (1, 1, 1), False)  # refuse a bad value before loading anything
-        self.run = run if isinstance(run, Run) else Run.open(run) if run is not None else latest_complete_run(runs_root)
+        self.runs = resolve_runs(run, runs_root)
+        check_ensemble(self.runs)
+        self.run = self.runs[0]
         self.run_dir = self.run.path
         self.bundle = self.run.bundle
         self.names = self.run.labels
-        self.window = WindowSpec.from_bundle(self.bundle, overlap=overlap, sw_batch_size=sw_batch_size, method=method)
-        if self.run.info.get("format_version") in (1, 2):  # trained before patches were padded with air: 0 is what they saw
-            self.window = dataclasses.replace(self.window, pad_value=0.0)
         self.device = resolve_device(device)
         self.checkpoint, self.tta, self.resample = checkpoint, tta, resample
         by_name = {v: k for k, v in self.names.items() if k != 0}
         # the classes whose largest component is kept (names the run does not have are skipped)
         self.largest_component = [by_name[n] for n in self.bundle.postprocess.largest_component if n in by_name] if postprocess else []
-        self.model = self.run.build_model(checkpoint, self.device)
+        self.members: list[tuple[WindowSpec, Any]] = []  # per run: its sliding window and its network function
+        for r in self.runs:
+            window = WindowSpec.from_bundle(r.bundle, overlap=overlap, sw_batch_size=sw_batch_size, method=method)
+            if r.info.get("format_version") in (1, 2):  # trained before patches were padded with air: 0 is what they saw
+                window = dataclasses.replace(window, pad_value=0.0)
+            model = r.build_model(checkpoint, self.device)
+            amp = amp_mode(r.bundle.train.amp, self.device)
+            self.members.append((window, network_fn(model, autocast(amp, self.device), tta,
+                                                    slice_model=get_spec(r.bundle.model.name).axial_slices)))
+        self.window = self.members[0][0]
         self.amp = amp_mode(self.bundle.train.amp, self.device)
-        self._predict = network_fn(self.model, autocast(self.amp, self.device), tta, slice_model=get_spec(self.bundle.model.name).axial_slices)
 
     @property
     def overlap(self) -> float:
@@ -121,8 +133,7 @@ class Predictor:
         xc = x[(slice(None), slice(None), *crop)]
         n = len(self.names)
         resample, note = choose_resample(self.resample, n, xc.shape[2:], probabilities)
-        result = sliding_window(xc, self._predict, self.window, n, self.device, probabilities=probabilities or resample == "linear",
-                                on_window=on_window)
+        result = self._sliding_window(xc, n, probabilities or resample == "linear", on_window)
         grids = Grids(tuple(x.shape[2:]), model_affine, crop, tuple(int(s) for s in image.shape[:3]), image.affine)  # type: ignore[arg-type]
         del x, xc
         labels, probs = to_input_grid(result, grids, resample, n, probabilities=probabilities, device=self.device)
@@ -139,6 +150,22 @@ class Predictor:
         volume = {names[k]: round(float(counts[k]) * voxel_ml, 3) for k in names if k != 0}
         return Segmentation(_like(image, labels), names, prob_img, result.method, time.time() - t0, volume, resample,
                             [n for n in (ct_note, note, post_note) if n])
+
+    def _sliding_window(self, x: torch.Tensor, n: int, probabilities: bool, on_window) -> WindowResult:
+        """One run's sliding window; for an ensemble, the mean of every run's class probabilities
+        (float32 sum, one classes x crop buffer besides the current run's) and its argmax."""
+        if len(self.members) == 1:
+            window, predict = self.members[0]
+            return sliding_window(x, predict, window, n, self.device, probabilities=probabilities, on_window=on_window)
+        total, method = None, ""
+        for window, predict in self.members:
+            r = sliding_window(x, predict, window, n, self.device, probabilities=True, on_window=on_window)
+            p = r.probabilities.float()
+            total = p if total is None else total.add_(p)
+            method = r.method
+            del r, p
+        mean = total.div_(len(self.members))
+        return WindowResult(argmax0(mean), mean.half() if probabilities else None, method)
 
     def _postprocess(self, labels: np.ndarray, keep: list[int] | None, voxel_ml: float) -> str | None:
         """``postprocess.largest_component`` on the classes kept, in place; a note when it removed anything."""
@@ -162,6 +189,57 @@ class Predictor:
         if unknown:
             raise MedsegError(f"--classes: {', '.join(unknown)} not in this run's classes ({', '.join(by_name)})")
         return [by_name[n] for n in classes]
+
+
+def resolve_runs(run, runs_root: str | Path = "runs") -> list[Run]:
+    """The runs ``run`` names: a run directory or :class:`Run`, a folder of run directories (its
+    complete runs, by name), or a list of those; None: the newest complete run under ``runs_root``."""
+    from medseg.engine.run import RUN_FILE, latest_complete_run
+
+    if run is None:
+        return [latest_complete_run(runs_root)]
+    items = run if isinstance(run, (list, tuple)) else [run]
+    if not items:
+        return [latest_complete_run(runs_root)]
+    runs: list[Run] = []
+    for item in items:
+        if isinstance(item, Run):
+            runs.append(item)
+            continue
+        path = Path(item)
+        if path.is_dir() and not (path / RUN_FILE).is_file() and any(path.glob(f"*/{RUN_FILE}")):
+            inside = [Run.open(p.parent) for p in sorted(path.glob(f"*/{RUN_FILE}"))]
+            complete = [r for r in inside if r.status == "complete"]
+            if not complete:
+                raise MedsegError(f"{path}: none of its {len(inside)} runs is complete")
+            runs += complete
+        else:
+            runs.append(Run.open(path))
+    seen: set[Path] = set()
+    for r in runs:
+        if r.path.resolve() in seen:
+            raise MedsegError(f"--run {r.path} is named twice: an ensemble would weight it double")
+        seen.add(r.path.resolve())
+    return runs
+
+
+def check_ensemble(runs: list[Run]) -> None:
+    """Runs averaged voxel by voxel must mean the same classes and see the same preprocessed scan."""
+    if len(runs) < 2:
+        return
+    first = runs[0]
+    fields = {
+        "class names": lambda r: r.labels,
+        "data.spacing": lambda r: r.bundle.data.spacing,
+        "intensity normalisation": lambda r: (r.bundle.data.normalization, intensity_map(r.bundle)),
+        "body crop": lambda r: body_threshold(r.bundle),
+    }
+    for what, get in fields.items():
+        for r in runs[1:]:
+            if get(r) != get(first):
+                raise MedsegError(f"cannot ensemble {first.name} and {r.name}: their {what} differ ({get(first)} vs {get(r)}); "
+                                  "an ensemble averages the probabilities of runs trained on the same classes and preprocessing "
+                                  "(the folds of one bundle)")
 
 
 def _ct_note(x: torch.Tensor, imap: tuple[float, float, float, float]) -> str | None:
@@ -441,10 +519,13 @@ def segment_file(predictor: Predictor, input_path: Path, output: Path | None = N
         run = predictor.run
         sidecar = {"labels": {str(k): v for k, v in seg.names.items()}, "volume_ml": seg.volume_ml,
                    "run": str(predictor.run_dir.resolve()), "run_name": run.name, "run_status": run.status,
-                   "checkpoint": predictor.checkpoint, "model": predictor.bundle.model.name, "medseg_version": __version__,
+                   "checkpoint": predictor.checkpoint, "model": "+".join(dict.fromkeys(r.bundle.model.name for r in predictor.runs)),
+                   "medseg_version": __version__,
                    "input": str(input_path.resolve()), "method": seg.method, "resample": seg.resample, "tta": predictor.tta,
                    "overlap": predictor.overlap, "spacing_mm": list(spacing_of(img.affine)), "seconds": round(seg.seconds, 2),
                    "largest_component": [seg.names[v] for v in predictor.largest_component if v in seg.names]}
+        if len(predictor.runs) > 1:  # a fold ensemble: the mean of these runs' probabilities
+            sidecar["ensemble"] = [str(r.path.resolve()) for r in predictor.runs]
         if dicom.get("series_uid") or series:
             sidecar["dicom_series_uid"] = dicom.get("series_uid") or series
         _write_outputs(seg, img, paths, wanted, sidecar, predictor.bundle.data.hu_window, force)

@@ -237,7 +237,7 @@ def _to_uint8_(p: torch.Tensor) -> torch.Tensor:
     return p.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _argmax0(p: torch.Tensor) -> torch.Tensor:
+def argmax0(p: torch.Tensor) -> torch.Tensor:
     """``p.argmax(0)`` (the first maximum on ties) as uint8 (int32 past 256 classes): one pass per
     class over contiguous memory, 4x faster than torch's strided reduction over dim 0 (measured)."""
     best = p[0].clone()
@@ -280,7 +280,7 @@ def _linear(probs: torch.Tensor, g: Grids, keep_probabilities: bool, device: tor
         del grid
         p[0].add_(1).sub_(p[n_classes])  # outside the body crop: background
         p = p[:n_classes]
-        labels[i0:i1] = _argmax0(p).numpy()
+        labels[i0:i1] = argmax0(p).numpy()
         if out_p is not None:
             out_p[i0:i1] = _to_uint8_(p).permute(1, 2, 3, 0).numpy()
     return labels, out_p

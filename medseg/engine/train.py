@@ -91,6 +91,8 @@ def resolve_paths(bundle: Bundle) -> Bundle:
         raw["data"]["source"] = str(Path(bundle.data.source).expanduser().resolve())
     if isinstance(bundle.data.source_labels, str):
         raw["data"]["source_labels"] = str(Path(bundle.data.source_labels).expanduser().resolve())
+    if bundle.data.split_file is not None:
+        raw["data"]["split_file"] = str(Path(bundle.data.split_file).expanduser().resolve())
     return bundle_from_dict(raw)
 
 
@@ -184,13 +186,17 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     found, lut, train_cases, val_cases, data_notes = prepare(bundle.data, bundle.data.labels, data_progress)
     plan = None
     if planned:
-        bundle, plan = _plan(bundle, found.root, lut, train_cases, dev, console if mode != "off" else None,
-                             lambda i, n: data_progress("fingerprint", i, n), others=val_cases)
+        # K folds are planned on every case, as nnU-Net does, so that the folds share one preprocessing and can be ensembled
+        seen, others = (sorted(train_cases + val_cases, key=lambda c: c.name), []) if bundle.data.fold is not None else (train_cases, val_cases)
+        bundle, plan = _plan(bundle, found.root, lut, seen, dev, console if mode != "off" else None,
+                             lambda i, n: data_progress("fingerprint", i, n), others=others)
         t = bundle.train
         model = build_model(bundle)
         check_window(bundle.model.name, t.roi, bundle.infer_roi)
     test_hook("data_ready")
     splits = {"train": [c.as_dict() for c in train_cases], "val": [c.as_dict() for c in val_cases]}
+    if found.splits is not None:
+        splits.update(fold=bundle.data.fold, folds=found.splits)
     if run is not None:
         _check_same_split(run, splits)
     saved_uri = run.info.get("tracking_uri") if run is not None else None
