@@ -120,6 +120,10 @@ class TrainConfig:
     # None: one pass over the training volumes (x samples_per_volume patches) per epoch, or 50 when
     # `iterations` is set.
     iterations_per_epoch: int | None = None
+    # Wall-clock budget of the optimiser steps (validation not counted), in minutes: when it is spent the
+    # epoch ends there (validation, checkpoint) and the run is complete. Whichever of this and the
+    # length (iterations/epochs) comes first ends training; the rate schedule follows the length.
+    max_minutes: float | None = None
     amp: bool = True
     grad_checkpointing: bool = False
     val_interval: int = 1
@@ -409,6 +413,7 @@ def _check_values(b: Bundle) -> None:
     need(t.epochs >= 1, "train.epochs must be >= 1")
     need(t.iterations is None or t.iterations >= 1, "train.iterations must be >= 1 or null")
     need(t.iterations_per_epoch is None or t.iterations_per_epoch >= 1, "train.iterations_per_epoch must be >= 1 or null")
+    need(t.max_minutes is None or (math.isfinite(t.max_minutes) and t.max_minutes > 0), "train.max_minutes must be > 0 or null")
     need(t.val_interval >= 1, "train.val_interval must be >= 1")
     try:
         parse_checkpoint_every(t.checkpoint_every)

@@ -129,6 +129,28 @@ def test_run_directory_describes_itself_and_resumes(workdir):
     assert json.loads((run / "run.json").read_text())["status"] == "complete"  # untouched by the refused resume
 
 
+def test_max_minutes_ends_training_at_the_time_budget(workdir, monkeypatch):
+    """A budget of 2 s of optimiser steps on a run of 3 epochs x 2 steps: the clock (patched to advance
+    1.5 s per step) says the budget is spent after step 2, so the run ends there, validated and complete."""
+    import medseg.engine.train as engine
+
+    clock = {"t": 1000.0}
+    real_step = engine._Session.train_step
+
+    def slow_step(self, batch):
+        clock["t"] += 1.5
+        return real_step(self, batch)
+
+    monkeypatch.setattr(engine._Session, "train_step", slow_step)
+    monkeypatch.setattr(engine.time, "time", lambda: clock["t"])
+    bundle = load_bundle(BUNDLES / "unetr.json", SMOKE + ["train.epochs=3", "tracking.backend=none", f"train.max_minutes={2 / 60}"])
+    result = train(bundle, show_progress=False)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["time_limited"] is True
+    assert info["steps"] == 2 and info["epochs"] == 1 and info["train_seconds"] == 3.0
+    assert [row["epoch"] for row in result.history] == [1] and "val_mean_dice" in result.history[0]
+
+
 def test_mlflow_run_is_logged_and_named(workdir, monkeypatch):
     import mlflow
 

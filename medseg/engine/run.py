@@ -49,7 +49,7 @@ HEARTBEAT_SECONDS = 30.0
 RESUMABLE_KEYS = (
     "description",
     "train.epochs", "train.iterations", "train.iterations_per_epoch", "train.scheduler", "train.lr", "train.val_interval",
-    "train.checkpoint_every",
+    "train.checkpoint_every", "train.max_minutes",
     "data.num_workers", "data.cache",
     "sliding_window.sw_batch_size", "sliding_window.overlap", "sliding_window.mode", "postprocess",
     "tracking.backend",

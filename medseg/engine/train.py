@@ -390,6 +390,13 @@ class _Session:
         left_this_epoch = max(0, self.iters - self.iteration)
         return self.step + left_this_epoch + self.iters * max(0, self.n_epochs - self.epoch_done - 1)
 
+    def train_seconds(self) -> float:
+        """Seconds of optimiser steps so far (the finished epochs' and this one's; validation not counted)."""
+        return sum(row.get("epoch_seconds", 0.0) for row in self.history) + self.epoch_seconds
+
+    def time_spent(self) -> bool:
+        return self.t.max_minutes is not None and self.train_seconds() >= 60 * self.t.max_minutes
+
     # -- the data stream ----------------------------------------------------------------------------
     def batches(self, epoch: int, skip: int):
         """Epoch ``epoch``'s batches, seeded from (seed, epoch) alone; the first ``skip`` are drawn and
@@ -418,6 +425,9 @@ class _Session:
                 for epoch in range(self.epoch_done + 1, self.n_epochs + 1):
                     self.train_iterations(epoch, rng, policy, bar)
                     rng = None
+                    time_up = self.time_spent()
+                    if time_up:  # train.max_minutes: this is the last epoch (validated and checkpointed as such)
+                        self.n_epochs = epoch
                     row = self.finish_epoch(epoch, bar)
                     self.epoch_done, self.iteration, self.epoch_losses, self.epoch_seconds = epoch, 0, [], 0.0
                     self.history.append(row)
@@ -428,6 +438,10 @@ class _Session:
                     self.run.write_metrics(self.history)
                     self.tracker.log_metrics(_metrics_of(row), step=epoch)
                     bar.end_epoch(epoch, row)
+                    if time_up:
+                        self.console.print(f"[yellow]note:[/yellow] train.max_minutes {self.t.max_minutes:g} spent after step "
+                                           f"{self.step} of {self.step_total()}: training ends here", highlight=False)
+                        break
         except _StopNow:
             self.checkpoint()
             self.run.write_metrics(self.history)
@@ -442,7 +456,8 @@ class _Session:
         if (self.run.path / "model_best.pt").is_file():
             self.tracker.log_artifact(self.run.path / "model_best.pt")
         self.run.save_info(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), epochs=self.n_epochs, steps=self.step,
-                           best_dice=self.best, best_epoch=self.best_epoch)
+                           best_dice=self.best, best_epoch=self.best_epoch, train_seconds=round(self.train_seconds(), 2),
+                           time_limited=self.time_spent())
         self.tracker.end("FINISHED")
         return TrainResult(self.run.path, self.run.name, self.best, self.best_epoch, self.history, self.tracker.run_id)
 
@@ -470,6 +485,8 @@ class _Session:
             test_hook(f"step:{self.step}")
             if self.stop.requested:
                 raise _StopNow
+            if self.time_spent():
+                break  # train.max_minutes: this epoch ends here (validated and checkpointed as usual)
             if self.iteration < n and policy.due(self.step, epoch_end=False):
                 self.checkpoint()
                 policy.written(self.step)
