@@ -388,7 +388,7 @@ def models() -> None:
     print_table(table)
 
 
-from medseg import cli_cost  # noqa: E402,F401  (registers flops and memory)
+from medseg import cli_compare, cli_cost  # noqa: E402,F401  (registers compare, flops and memory)
 
 if __name__ == "__main__":
     app()

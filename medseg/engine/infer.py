@@ -65,6 +65,9 @@ class Segmentation:
     volume_ml: dict[str, float] = field(default_factory=dict)
     resample: str = ""  # linear or nearest
     notes: list[str] = field(default_factory=list)
+    crop_shape: tuple[int, ...] = ()  # the body crop on the model grid: what the sliding window covered
+    # with model_grid=True: (labels on the whole model grid, before postprocessing; its affine)
+    model_grid: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Predictor:
@@ -118,10 +121,11 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, image: nib.Nifti1Image | str | Path, *, classes: list[str] | None = None, probabilities: bool = False,
-                 on_window=None, source: str | None = None) -> Segmentation:
+                 on_window=None, source: str | None = None, model_grid: bool = False) -> Segmentation:
         """Segment ``image`` (a NIfTI image, or a path to a NIfTI file or DICOM folder). ``classes``
         keeps only those classes in the labels (the probabilities keep every class); ``source``
-        names an in-memory image in error messages (its path)."""
+        names an in-memory image in error messages (its path); ``model_grid`` also returns the labels on
+        the model grid (the run's spacing, RAS), before postprocessing, for metrics in that space."""
         t0 = time.time()
         if not isinstance(image, nib.Nifti1Image):
             source, image = str(image), read_image(image)
@@ -135,6 +139,12 @@ class Predictor:
         resample, note = choose_resample(self.resample, n, xc.shape[2:], probabilities)
         result = self._sliding_window(xc, n, probabilities or resample == "linear", on_window)
         grids = Grids(tuple(x.shape[2:]), model_affine, crop, tuple(int(s) for s in image.shape[:3]), image.affine)  # type: ignore[arg-type]
+        on_model_grid = None
+        if model_grid:
+            full = np.zeros(grids.model_shape, dtype=result.labels.numpy().dtype)
+            full[crop] = result.labels.numpy()
+            on_model_grid = (full, model_affine)
+        crop_shape = tuple(int(v) for v in xc.shape[2:])
         del x, xc
         labels, probs = to_input_grid(result, grids, resample, n, probabilities=probabilities, device=self.device)
         voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
@@ -149,7 +159,7 @@ class Predictor:
         counts = np.bincount(labels.ravel(), minlength=n)
         volume = {names[k]: round(float(counts[k]) * voxel_ml, 3) for k in names if k != 0}
         return Segmentation(_like(image, labels), names, prob_img, result.method, time.time() - t0, volume, resample,
-                            [n for n in (ct_note, note, post_note) if n])
+                            [n for n in (ct_note, note, post_note) if n], crop_shape, on_model_grid)
 
     def _sliding_window(self, x: torch.Tensor, n: int, probabilities: bool, on_window) -> WindowResult:
         """One run's sliding window; for an ensemble, the mean of every run's class probabilities
@@ -497,7 +507,7 @@ def _dicom_info(img: nib.Nifti1Image) -> dict[str, Any]:
 
 def segment_file(predictor: Predictor, input_path: Path, output: Path | None = None, *, force: bool = False,
                  save_probabilities: bool = False, preview: bool = False, classes: list[str] | None = None,
-                 series: str | None = None, on_window=None) -> dict[str, Any]:
+                 series: str | None = None, on_window=None, model_grid: bool = False) -> dict[str, Any]:
     """Segment one scan and write its outputs (see the module docstring for the rules). Returns
     ``{"paths", "segmentation", "notes", "series_uid"}``."""
     paths = output_paths(input_path, output)
@@ -515,7 +525,8 @@ def segment_file(predictor: Predictor, input_path: Path, output: Path | None = N
                     stale.unlink(missing_ok=True)
         img = read_image(input_path, series_uid=series) if series else read_image(input_path)
         dicom = _dicom_info(img)
-        seg = predictor(img, classes=classes, probabilities=save_probabilities, on_window=on_window, source=str(input_path))
+        seg = predictor(img, classes=classes, probabilities=save_probabilities, on_window=on_window, source=str(input_path),
+                        model_grid=model_grid)
         run = predictor.run
         sidecar = {"labels": {str(k): v for k, v in seg.names.items()}, "volume_ml": seg.volume_ml,
                    "run": str(predictor.run_dir.resolve()), "run_name": run.name, "run_status": run.status,

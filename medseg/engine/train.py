@@ -122,12 +122,13 @@ class CheckpointPolicy:
 
 def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str | Path = "runs", device: str = "auto",
           resume: bool = False, console: Console | None = None, show_progress: bool = True, progress: str = "auto",
-          stop: StopFlag | None = None) -> TrainResult:
+          stop: StopFlag | None = None, tracking_tags: dict[str, str] | None = None) -> TrainResult:
     """Train ``bundle`` into ``run_dir`` (default ``runs_root/<run name>``).
 
     ``resume=True`` continues the run in ``run_dir`` from its checkpoint (or from the start if it was
     killed before its first one) up to ``bundle.train.epochs``. ``progress``: "auto" (rich bars on a
-    terminal, plain lines otherwise), "rich", "plain" or "off"."""
+    terminal, plain lines otherwise), "rich", "plain" or "off". ``tracking_tags``: added to a new MLflow
+    run's tags (``medseg compare`` files each fold under its model's run with ``mlflow.parentRunId``)."""
     from monai.utils import set_determinism
 
     from medseg.data.datasets import prepare
@@ -223,7 +224,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
             rng = session.restore(ckpt) if ckpt is not None else None
             if fresh:
                 run.write_description(bundle, splits, model_summary(model), plan=plan.as_dict() if plan else None)
-            session.open_tracking(fresh)
+            session.open_tracking(fresh, tracking_tags or {})
         except BaseException:
             tracker.end("FAILED")
             if fresh:
@@ -547,7 +548,7 @@ class _Session:
             raise _StopNow
 
     # -- tracking ---------------------------------------------------------------------------------
-    def open_tracking(self, fresh: bool) -> None:
+    def open_tracking(self, fresh: bool, tags: dict[str, str]) -> None:
         """Start the MLflow run (fresh), or continue the run's own one; with tracking off, keep the
         link the run already has so a later resume with tracking continues it."""
         from medseg.track import NullTracker
@@ -567,7 +568,7 @@ class _Session:
             params = flatten(self.bundle.to_dict())
             params.update({"parameters": sum(p.numel() for p in self.model.parameters()), "device": str(self.dev),
                            "amp_mode": self.amp, "train_cases": len(self.train_ds), "val_cases": len(self.val_ds)})
-            tracker.start(run.name, params, {"medseg.model": self.bundle.model.name, "medseg.run_dir": str(run.path.resolve())})
+            tracker.start(run.name, params, {"medseg.model": self.bundle.model.name, "medseg.run_dir": str(run.path.resolve()), **tags})
             for name in ("bundle.json", "plan.json", "model_summary.txt", "labels.json"):
                 if (run.path / name).is_file():
                     tracker.log_artifact(run.path / name)

@@ -1,0 +1,343 @@
+"""``medseg compare``: every bundle trained and scored under one protocol (see ``protocol.py``).
+
+    output/
+      protocol.json            what was held equal (cases, split, budget, plan), for a re-run to match
+      splits.json              the folds (nnU-Net's splits_final.json layout; data.split_file reads it)
+      ground_truth/            links to the label maps scored against, and their class names
+      runs/<model>/fold<k>/    ordinary medseg runs (medseg infer --run runs/<model> ensembles the folds)
+      predictions/<model>/     each case predicted by the fold that did not train on it (or the test set)
+      compare.md/.csv/.json    the tables; dice.png, slices.png, curves.png the pictures
+
+A re-run with the same protocol reuses the runs that completed and resumes one that was stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from medseg.compare.protocol import Entry, Protocol, check_protocol, fold_bundle, load_entries, plan_once
+from medseg.errors import MedsegError
+
+
+def _say(console: Console, text: str) -> None:
+    console.print(escape(text), highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def compare(bundles: list[str | Path], *, output: str | Path = "compare", data: str | None = None, folds: int = 5,
+            split: str | Path | None = None, iterations: int | None = None, minutes: float | None = None,
+            test: str | Path | None = None, test_labels: str | Path | None = None, overrides: list[str] | None = None,
+            allow_mixed: bool = False, device: str = "auto", tracking: str = "mlflow", progress: str = "auto",
+            console: Console | None = None) -> dict[str, Any]:
+    """Train and score every bundle under one protocol; write the report into ``output``. Returns
+    the report (what compare.json holds)."""
+    from medseg.data.datasets import kfold, prepare, read_split_file, resolve_source
+    from medseg.engine.device import resolve_device
+    from medseg.models import check_before_data
+
+    console = console or Console(stderr=True)
+    out = Path(output)
+    overrides = list(overrides or []) + (["tracking.backend=none"] if tracking == "none" else [])
+    if folds < 2 and test is None:
+        raise MedsegError(f"--folds must be at least 2, got {folds} (or score on a separate --test set)")
+    entries = load_entries([Path(b) for b in bundles], overrides, data=data, iterations=iterations, minutes=minutes,
+                           test=test is not None)
+    mixed = check_protocol(entries, allow_mixed)
+    for e in entries:  # a bad model argument fails before any data are read or any model trained
+        t = e.bundle.train
+        check_before_data(e.bundle.model.name, e.bundle.model.args, t.head_lr_scale, t.roi, e.bundle.infer_roi)
+    proto = Protocol(entries, folds, iterations, minutes, Path(test) if test else None, Path(test_labels) if test_labels else None,
+                     allow_mixed, mixed)
+    dev = resolve_device(device)
+    first = entries[0].bundle
+
+    found, lut, _, _, data_notes = prepare(first.data, first.data.labels)
+    cases = sorted(found.cases, key=lambda c: c.name)
+    if test is None:
+        splits = read_split_file(split, cases) if split is not None else kfold(cases, folds, first.data.split_seed)
+    else:
+        splits = [{"train": [c.name for c in cases], "val": [c.name for c in cases]}]
+    plans = plan_once(entries, found, lut, cases, str(dev))
+    if test is not None:
+        scored = resolve_source(type(first.data)(source=str(test), labels=first.data.labels))
+        gt_names = _test_names(scored, test_labels)
+    else:
+        scored, gt_names = found, found.source_labels or {i: n for i, n in enumerate(first.data.labels, start=1)}
+
+    _prepare_output(out, proto, splits, plans)
+    from medseg.data.labels import build_lut
+
+    gt_lut = build_lut(first.data.labels, gt_names) if not mixed.get("data.labels") else None
+    gt_dir = _link_ground_truth(out, scored.cases, gt_names)
+    tracker = _tracker(first, proto, out)
+    for note in data_notes:
+        _say(console, f"note: {note}")
+
+    n_folds = len(splits) if test is None else 1
+    jobs = [(e, k) for e in entries for k in range(n_folds)]
+    t_start = time.time()
+    results = []
+    for i, e in enumerate(entries):
+        model_run = tracker.start(e.name, {"bundle": str(e.path), "model": e.bundle.model.name}, parent=tracker.parent,
+                                  tags={"medseg.compare.model": e.name})
+        folds_out = []
+        for k in range(n_folds):
+            done = i * n_folds + k
+            eta = "" if not done else f", ETA {_clock((time.time() - t_start) / done * (len(jobs) - done))}"
+            where = f"fold {k + 1}/{n_folds}" if test is None else "all cases"
+            _say(console, f"compare [{done + 1}/{len(jobs)}] {e.name} ({e.bundle.model.name}), {where}: training "
+                          f"(elapsed {_clock(time.time() - t_start)}{eta})")
+            fold = k if test is None else None
+            bundle = fold_bundle(e, fold, out / "splits.json")
+            run_dir = out / "runs" / e.name / (f"fold{k}" if test is None else "all")
+            run = _train(bundle, run_dir, dev, progress, console, {"mlflow.parentRunId": model_run, "medseg.fold": str(fold)}
+                         if model_run else None)
+            val = {c.name: c for c in scored.cases} if test is not None else {c.name: c for c in cases if c.name in splits[k]["val"]}
+            _say(console, f"compare [{done + 1}/{len(jobs)}] {e.name}, {where}: segmenting {len(val)} case(s)")
+            folds_out.append(_predict(run, list(val.values()), out / "predictions" / e.name, dev, gt_lut, k, fold))
+        result = _score(e, folds_out, out, gt_dir, proto)
+        results.append(result)
+        tracker.log(model_run, _headline(result))
+        tracker.end(model_run)
+    from medseg.compare.report import write_report
+
+    report = {"protocol": proto.as_dict(), "device": str(dev), "splits": splits if test is None else None,
+              "plans": plans, "ground_truth": str(gt_dir), "models": results,
+              "notes": _notes(proto), "seconds": round(time.time() - t_start, 1)}
+    paths = write_report(report, out)
+    for p in paths:
+        tracker.artifact(tracker.parent, p)
+    tracker.end(tracker.parent)
+    _say(console, f"compare: {len(entries)} model(s), {len(jobs)} training run(s) in {_clock(time.time() - t_start)}; "
+                  f"report: {out / 'compare.md'}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _test_names(found, test_labels) -> dict[int, str]:
+    from medseg.engine.evaluate import read_label_names
+
+    if test_labels is not None:
+        return read_label_names(Path(test_labels), "--test-labels")
+    if found.source_labels:
+        return found.source_labels
+    raise MedsegError("--test: the test labels' class names are unknown; name them with --test-labels FILE "
+                      '(JSON value -> name, e.g. {"1": "spleen"})')
+
+
+def _prepare_output(out: Path, proto: Protocol, splits, plans) -> None:
+    """A new report folder, or one holding the same protocol (a re-run continues it)."""
+    from medseg.engine.run import write_json
+
+    saved = out / "protocol.json"
+    record = {**proto.as_dict(), "splits": splits, "bundles_resolved": {e.name: e.bundle.to_dict() for e in proto.entries}}
+    record = json.loads(json.dumps(record))
+    if saved.is_file():
+        try:
+            old = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != record:
+            raise MedsegError(f"{out} holds another comparison (its protocol.json differs: other bundles, data, folds or "
+                              "budget); choose another -o")
+    elif out.exists() and any(out.iterdir()):
+        raise MedsegError(f"{out} exists and is not a medseg compare report; choose another -o")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(saved, record)
+        write_json(out / "splits.json", splits)
+    except OSError as e:
+        raise MedsegError(f"cannot write the report to {out} ({e.strerror or e}); choose another -o") from None
+
+
+def _link_ground_truth(out: Path, cases, names: dict[int, str]) -> Path:
+    """ground_truth/<case>.nii.gz -> each label map (links, never copies), and their class names."""
+    from medseg.engine.run import write_json
+
+    gt = out / "ground_truth"
+    gt.mkdir(exist_ok=True)
+    for c in cases:
+        suffix = ".nii.gz" if c.label.endswith(".gz") else ".nii"
+        link = gt / f"{c.name}{suffix}"
+        if link.is_symlink() or link.exists():
+            if os.path.realpath(link) == os.path.realpath(c.label):
+                continue
+            link.unlink()
+        link.symlink_to(os.path.abspath(c.label))
+    write_json(gt / "labels.json", {"0": "background", **{str(k): v for k, v in sorted(names.items())}})
+    return gt
+
+
+def _train(bundle, run_dir: Path, dev, progress: str, console: Console, tags: dict | None):
+    """Train the fold into ``run_dir``, or reuse it when complete, or resume it when it was stopped."""
+    from medseg.engine.run import Run
+    from medseg.engine.train import train
+
+    if (run_dir / "run.json").is_file():
+        run = Run.open(run_dir)
+        if run.status == "complete":
+            _say(console, f"  {run_dir} is complete: reused")
+            return run
+        if run.checkpoint() is not None or run.status in ("interrupted", "killed", "failed"):
+            train(bundle, run_dir=run_dir, resume=True, device=str(dev), console=console, progress=progress)
+            return Run.open(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    train(bundle, run_dir=run_dir, device=str(dev), console=console, progress=progress, tracking_tags=tags)
+    return Run.open(run_dir)
+
+
+def _predict(run, cases, folder: Path, dev, gt_lut, k: int, fold: int | None) -> dict[str, Any]:
+    """Segment ``cases`` with the fold's last weights (the best checkpoint was chosen on these very
+    cases); time it, measure its memory, and score it on the model grid too."""
+    from medseg.compare.measure import PeakMemory, model_grid_label, score_model_grid
+    from medseg.engine.infer import Predictor, segment_file
+
+    predictor = Predictor(run, device=str(dev), checkpoint="last")
+    labels = list(run.bundle.data.labels)
+    rows, per_case = [], []
+    for case in cases:
+        with PeakMemory(dev) as mem:
+            result = segment_file(predictor, Path(case.image), folder / f"{case.name}_seg.nii.gz", force=True, model_grid=True)
+        seg = result["segmentation"]
+        entry = {"case": case.name, "image": str(case.image), "seconds": round(seg.seconds, 3), "peak_bytes": int(mem.peak_bytes),
+                 "memory_how": mem.how, "crop_shape": list(seg.crop_shape), "volume_ml": seg.volume_ml}
+        if gt_lut is not None:
+            gt, spacing = model_grid_label(run.bundle, gt_lut, case.image, case.label)
+            rows += score_model_grid(seg.model_grid[0], gt, spacing, labels, case.name)
+        per_case.append(entry)
+    history = run.read_metrics()
+    return {"fold": fold, "run": str(run.path), "steps": run.info.get("steps"), "train_seconds": run.info.get("train_seconds"),
+            "time_limited": run.info.get("time_limited"), "cases": per_case, "model_grid_rows": rows, "history": history}
+
+
+def _score(e: Entry, folds: list[dict], out: Path, gt_dir: Path, proto: Protocol) -> dict[str, Any]:
+    """One model's row: ``medseg evaluate`` on its predictions in each scan's geometry, the same
+    metric code on the model grid, cost and time."""
+    from medseg.cost.counted import model_cost, windows_for
+    from medseg.engine.evaluate import evaluate, summarise
+    from medseg.models import get_spec
+
+    b = e.bundle
+    original = evaluate(out / "predictions" / e.name, gt_dir, gt_labels=gt_dir / "labels.json")
+    grid_rows = [r for f in folds for r in f["model_grid_rows"]]
+    grid = summarise(grid_rows, sorted({r["case"] for r in grid_rows})) if grid_rows else None
+    classes = len(b.data.labels) + 1
+    window = model_cost(b.model.name, b.infer_roi, classes, b.model.args)
+    cases = [c for f in folds for c in f["cases"]]
+    per_volume = [windows_for(c["crop_shape"], b.infer_roi, b.sliding_window.overlap) * window.forward_flops for c in cases]
+    spec = get_spec(b.model.name)
+    train_seconds = [f["train_seconds"] for f in folds if f["train_seconds"] is not None]
+    return {
+        "name": e.name, "bundle": str(e.path), "model": b.model.name, "display": spec.display,
+        "parameters": window.params, "roi": list(b.train.roi), "window_roi": list(b.infer_roi),
+        "flops_per_window": window.forward_flops, "flops_per_volume": float(sum(per_volume) / len(per_volume)),
+        "train_seconds": round(sum(train_seconds), 1) if train_seconds else None,
+        "train_seconds_per_fold": round(sum(train_seconds) / len(train_seconds), 1) if train_seconds else None,
+        "steps": [f["steps"] for f in folds], "time_limited": any(f["time_limited"] for f in folds),
+        "infer_seconds_per_volume": round(sum(c["seconds"] for c in cases) / len(cases), 3),
+        "peak_memory_bytes": max(c["peak_bytes"] for c in cases), "memory_how": cases[0]["memory_how"],
+        "original": {"summary": original.summary, "per_class": original.mean, "rows": original.rows, "notes": original.notes},
+        "training_spacing": ({"summary": grid.summary, "per_class": grid.mean, "rows": grid.rows, "spacing": list(b.data.spacing)}
+                             if grid else None),
+        "folds": [{k: v for k, v in f.items() if k != "model_grid_rows"} for f in folds],
+    }
+
+
+def _headline(result: dict[str, Any]) -> dict[str, float]:
+    s = result["original"]["summary"]
+    out = {f"{m}": s[f"mean_{m}"] for m in ("dice", "iou", "precision", "recall", "accuracy", "hd95_mm", "nsd")}
+    out.update({f"dice_{c}": v["dice"] for c, v in result["original"]["per_class"].items() if c != "background"})
+    if result["training_spacing"]:
+        out["dice_training_spacing"] = result["training_spacing"]["summary"]["mean_dice"]
+    out.update(parameters=result["parameters"], flops_per_window=result["flops_per_window"],
+               flops_per_volume=result["flops_per_volume"], infer_seconds_per_volume=result["infer_seconds_per_volume"],
+               peak_memory_mb=result["peak_memory_bytes"] / 2**20)
+    if result["train_seconds"] is not None:
+        out["train_seconds"] = result["train_seconds"]
+    return {k: float(v) for k, v in out.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def _notes(proto: Protocol) -> list[str]:
+    notes = []
+    if proto.mixed:
+        notes.append("--allow-mixed: the bundles differ on " + ", ".join(proto.mixed) + "; the scores are not under one protocol")
+    if proto.minutes is not None and proto.iterations is None:
+        notes.append("budget in minutes only: the learning-rate schedule runs over 10^6 steps, so the rate stays near its "
+                     "peak; add --iterations for a decaying schedule")
+    if proto.test is not None:
+        notes.append("trained on every case (validation on the training cases) and scored on the --test set")
+    else:
+        notes.append("each case is scored by the fold that did not train on it, with that fold's last weights")
+    return notes
+
+
+class _Tracker:
+    """The comparison in MLflow: one parent run, a child run per model, the folds' training runs
+    under their model's run (runs are created with the client: nothing is left active)."""
+
+    def __init__(self, client, experiment_id: str | None, parent: str | None) -> None:
+        self.client, self.experiment_id, self.parent = client, experiment_id, parent
+
+    def start(self, name: str, params: dict[str, Any], parent: str | None = None, tags: dict[str, str] | None = None) -> str | None:
+        if self.client is None:
+            return None
+        tags = dict(tags or {})
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        for key, value in params.items():
+            self.client.log_param(run.info.run_id, key, json.dumps(value) if isinstance(value, (list, dict)) else value)
+        return run.info.run_id
+
+    def log(self, run_id: str | None, metrics: dict[str, float]) -> None:
+        if self.client is not None and run_id:
+            for key, value in metrics.items():
+                self.client.log_metric(run_id, key, value)
+
+    def artifact(self, run_id: str | None, path: Path) -> None:
+        if self.client is not None and run_id:
+            self.client.log_artifact(run_id, str(path))
+
+    def end(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if self.client is not None and run_id:
+            self.client.set_terminated(run_id, status)
+
+
+def _tracker(bundle, proto: Protocol, out: Path) -> _Tracker:
+    if bundle.tracking.backend == "none":
+        return _Tracker(None, None, None)
+    import logging
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from mlflow import MlflowClient
+
+        from medseg.track import tracking_uri
+
+        client = MlflowClient(tracking_uri=tracking_uri(bundle.tracking))
+        exp = client.get_experiment_by_name(bundle.tracking.experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(bundle.tracking.experiment)
+        tracker = _Tracker(client, exp_id, None)
+        flat = {k: v for k, v in proto.as_dict().items() if k not in ("mixed", "bundles")}
+        tracker.parent = tracker.start(f"compare-{out.resolve().name}-{time.strftime('%Y%m%d-%H%M')}",
+                                       {**flat, "bundles": list(proto.as_dict()["bundles"]), "report": str(out.resolve())},
+                                       tags={"medseg.compare": str(out.resolve())})
+        return tracker
+    except Exception as e:  # an unreachable server, a read-only folder, a bad URI
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MedsegError(f"MLflow tracking failed ({first}); fix it or pass --tracking none") from None
