@@ -187,6 +187,8 @@ def infer(
         err.print(f"ensemble of {len(predictor.runs)} runs: {', '.join(r.name for r in predictor.runs)} ({names})", soft_wrap=True, highlight=False)
     else:
         err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {names})", soft_wrap=True, highlight=False)
+    for note in predictor.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True, highlight=False)
     for r in predictor.runs:
         if r.status != "complete":
             err.print(f"[yellow]note:[/yellow] run {r.name} is {r.status}, not complete; using its {checkpoint} checkpoint",

@@ -44,10 +44,12 @@ def compare(
 
     check_choice("--tracking", tracking, ("mlflow", "none"))
     check_choice("--progress", progress, ("auto", "rich", "plain", "off"))
-    if test is not None and (folds is not None or split is not None):
-        from medseg.errors import MedsegError
+    from medseg.errors import MedsegError
 
+    if test is not None and (folds is not None or split is not None):
         raise MedsegError("--test scores on a separate set: leave out --folds and --split")
+    if folds is not None and split is not None:
+        raise MedsegError("--split names the folds; leave out --folds")
     report = run_compare(bundles, output=path_arg(output, "-o"), data=data, folds=5 if folds is None else folds, split=split,
                          iterations=iterations, minutes=minutes, test=test, test_labels=test_labels, overrides=set_,
                          allow_mixed=allow_mixed, device=device, tracking=tracking, progress=progress, console=err)

@@ -84,6 +84,7 @@ def test_report_files_and_rows_equal_medseg_evaluate(report, phantom_cache, cli,
         assert math.isclose(float(mine["mean"]["dice"]), evaluated["summary"]["mean_dice"], rel_tol=1e-9)
         # the model grid: the same metric code on other arrays, so close to but not the same numbers
         grid = {r["class"]: r for r in rows if r["model"] == model and r["space"] == "training_spacing"}
+        assert float(mine["liver"]["dice"]) > 0.3  # learnt something: the comparison of the two spaces is not 0 vs 0
         assert abs(float(grid["liver"]["dice"]) - float(mine["liver"]["dice"])) < 0.1
         assert int(mine["mean"]["parameters"]) > 0 and float(mine["mean"]["flops_per_volume"]) >= float(mine["mean"]["flops_per_window"]) > 0
         assert float(mine["mean"]["train_seconds"]) > 0 and float(mine["mean"]["infer_seconds_per_volume"]) > 0
@@ -144,10 +145,13 @@ def test_a_rerun_reuses_the_runs_and_another_protocol_is_refused(report, cli, mo
     folder, rep, _ = report
     monkeypatch.chdir(folder)
     bundles = write_bundles(folder)
-    result = cli("compare", *bundles, "--folds", "2", "--iterations", "8", "-o", "rep", "--tracking", "none", "--progress", "off")
-    assert result.exit_code == 2 and "holds another comparison" in result.output  # tracking is part of the bundles
+    result = cli("compare", *bundles, "--folds", "2", "--iterations", "9", "-o", "rep", "--progress", "off")
+    assert result.exit_code == 2 and "holds another comparison" in result.output  # another budget
     before = (rep / "runs" / "tiny_fcn" / "fold0" / "checkpoint.pt").stat().st_mtime
-    result = cli("compare", *bundles, "--folds", "2", "--iterations", "8", "-o", "rep", "--progress", "off")
+    # the same protocol from another folder, bundles named by absolute path, tracking off: a continuation
+    monkeypatch.chdir(rep)
+    result = cli("compare", *(b.resolve() for b in bundles), "--folds", "2", "--iterations", "8", "-o", rep, "--progress", "off",
+                 "--tracking", "none")
     assert result.exit_code == 0, result.output
     assert result.output.count("is complete: reused") == 4
     assert (rep / "runs" / "tiny_fcn" / "fold0" / "checkpoint.pt").stat().st_mtime == before
@@ -171,8 +175,49 @@ def test_bundles_that_disagree_on_the_protocol_are_refused(tmp_path, cli, monkey
     assert result.exit_code == 2 and "--iterations N" in result.output
 
 
+def test_split_files_must_score_every_case_once(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bundles = write_bundles(tmp_path)
+    cases = ["phantom_000", "phantom_001", "phantom_002", "phantom_003"]
+    for splits, message in [
+        ([{"train": cases[2:], "val": cases[:2]}], "2 case(s) are in no split's validation part (first: phantom_002)"),
+        ([{"train": cases[1:], "val": cases[:2]}, {"train": cases[:2], "val": cases[1:]}], "phantom_001 is validated in splits 0 and 1"),
+    ]:
+        (tmp_path / "split.json").write_text(json.dumps(splits))
+        result = cli("compare", *bundles, "--split", tmp_path / "split.json", "--iterations", "8", "--tracking", "none")
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert not (tmp_path / "compare" / "runs").exists()  # refused before any training
+    result = cli("compare", *bundles, "--split", tmp_path / "split.json", "--folds", "3", "--iterations", "8")
+    assert result.exit_code == 2 and "leave out --folds" in result.output
+
+
 def test_allow_mixed_records_what_differs(tmp_path):
     from medseg.compare.protocol import check_protocol, load_entries
 
     entries = load_entries(write_bundles(tmp_path, tri={"labels": ["liver"]}), [], data=None, iterations=8, minutes=None, test=False)
     assert check_protocol(entries, allow_mixed=True) == {"data.labels": {"tiny_fcn": ["liver", "spleen"], "tiny_tri": ["liver"]}}
+
+
+def test_test_set_protocol_trains_on_every_case_and_scores_the_named_classes(tmp_path, cli, monkeypatch):
+    """--test: one run per model on every case, scored on another labelled set; a test set that names
+    fewer classes than the models predict (msd_spleen_8 names only the spleen) is scored on those."""
+    from medseg.data.phantom import write_phantom
+
+    monkeypatch.chdir(tmp_path)
+    held_out = write_phantom(tmp_path / "held_out", 1, seed=7)
+    (tmp_path / "names.json").write_text(json.dumps({"1": "liver"}))  # the phantom codes liver 1
+    bundles = write_bundles(tmp_path)
+    result = cli("compare", bundles[0], "--iterations", "4", "--test", held_out, "--test-labels", tmp_path / "names.json",
+                 "--tracking", "none", "--progress", "off", "-o", "rep")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "rep" / "compare.json").read_text())
+    (model,) = data["models"]
+    assert set(model["original"]["per_class"]) == {"background", "liver"}
+    assert set(model["training_spacing"]["per_class"]) == {"background", "liver"}
+    assert [f["run"] for f in model["folds"]] == [str(tmp_path / "rep" / "runs" / "tiny_fcn" / "all")]
+    saved = json.loads((tmp_path / "rep" / "runs" / "tiny_fcn" / "all" / "splits.json").read_text())
+    assert len(saved["train"]) == 4 and saved["val"] == saved["train"]  # every case trains
+    assert sorted(p.name for p in (tmp_path / "rep" / "predictions" / "tiny_fcn").glob("*.nii.gz")) == ["phantom_000_seg.nii.gz"]
+    assert data["protocol"]["folds"] is None and "scored on the --test set" in " ".join(data["notes"])
+    result = cli("compare", bundles[0], "--iterations", "4", "--test", held_out, "--folds", "3")
+    assert result.exit_code == 2 and "leave out --folds" in result.output

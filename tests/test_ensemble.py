@@ -100,10 +100,13 @@ def test_ensemble_is_the_mean_of_the_runs_probabilities(level_model, tmp_path, c
     sidecar = json.loads((tmp_path / "ens_seg.json").read_text())
     assert [Path(p).name for p in sidecar["ensemble"]] == ["fold0", "fold1", "fold2"]
 
-    # a folder of runs is the same ensemble
+    # a folder of runs is the same ensemble; a run in it that is not complete is left out, with a note
+    killed = make_run(folds, "fold3", 0.1, 5.0)
+    (killed / "run.json").write_text(json.dumps({**json.loads((killed / "run.json").read_text()), "status": "failed"}))
     result = cli("infer", scan, "--run", folds, "-o", tmp_path / "dir_seg.nii.gz")
     assert result.exit_code == 0, result.output
     assert np.array_equal(read(tmp_path / "dir_seg.nii.gz"), labels)
+    assert "left out of the ensemble, not complete: fold3 (failed)" in " ".join(result.output.split())
 
 
 def test_runs_that_cannot_be_averaged_are_refused(level_model, tmp_path, cli):
@@ -115,4 +118,10 @@ def test_runs_that_cannot_be_averaged_are_refused(level_model, tmp_path, cli):
     assert "cannot ensemble a and b: their data.spacing differ" in " ".join(result.output.split())
     result = cli("infer", scan, "--run", a, "--run", a)
     assert result.exit_code == 2 and "named twice" in result.output
+    for run, fold in ((a, 1), (b, 1)):  # two runs that are the same fold of the same split
+        bundle = json.loads((run / "bundle.json").read_text())
+        bundle["data"].update(fold=fold, folds=3, spacing=[2.0, 2.0, 2.5])
+        (run / "bundle.json").write_text(json.dumps(bundle))
+    result = cli("infer", scan, "--run", a, "--run", b)
+    assert result.exit_code == 2 and "fold 1 of the same split is named twice" in " ".join(result.output.split())
     assert not (tmp_path / "ramp_seg.nii.gz").exists()

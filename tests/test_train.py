@@ -130,8 +130,9 @@ def test_run_directory_describes_itself_and_resumes(workdir):
 
 
 def test_max_minutes_ends_training_at_the_time_budget(workdir, monkeypatch):
-    """A budget of 2 s of optimiser steps on a run of 3 epochs x 2 steps: the clock (patched to advance
-    1.5 s per step) says the budget is spent after step 2, so the run ends there, validated and complete."""
+    """A budget of 2 s of optimiser steps on a run of 3 epochs x 3 steps: the clock (patched to advance
+    1.5 s per step) says the budget is spent after step 2, in the middle of epoch 1, so the run ends
+    there, validated and complete."""
     import medseg.engine.train as engine
 
     clock = {"t": 1000.0}
@@ -143,12 +144,29 @@ def test_max_minutes_ends_training_at_the_time_budget(workdir, monkeypatch):
 
     monkeypatch.setattr(engine._Session, "train_step", slow_step)
     monkeypatch.setattr(engine.time, "time", lambda: clock["t"])
-    bundle = load_bundle(BUNDLES / "unetr.json", SMOKE + ["train.epochs=3", "tracking.backend=none", f"train.max_minutes={2 / 60}"])
+    bundle = load_bundle(BUNDLES / "unetr.json", SMOKE + ["train.epochs=3", "tracking.backend=none", f"train.max_minutes={2 / 60}",
+                                                          "train.iterations_per_epoch=3"])
     result = train(bundle, show_progress=False)
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["status"] == "complete" and info["time_limited"] is True
     assert info["steps"] == 2 and info["epochs"] == 1 and info["train_seconds"] == 3.0
     assert [row["epoch"] for row in result.history] == [1] and "val_mean_dice" in result.history[0]
+
+
+def test_folds_share_one_plan_and_record_their_split(workdir):
+    """K folds are planned on every case (nnU-Net), so two folds get the same CT statistics and can be
+    ensembled; each run saves every fold's split and validates on its own part."""
+    saved = []
+    for fold in (0, 1):
+        bundle = load_bundle(BUNDLES / "unetr.json", SMOKE + ["train.epochs=1", "tracking.backend=none", "data.phantom.cases=4",
+                                                              "data.normalization=ct", 'data.ct_stats="auto"', "data.folds=2",
+                                                              f"data.fold={fold}", "train.iterations_per_epoch=1"])
+        run = train(bundle, show_progress=False).run_dir
+        saved.append((json.loads((run / "bundle.json").read_text()), json.loads((run / "splits.json").read_text())))
+    (b0, s0), (b1, s1) = saved
+    assert b0["data"]["ct_stats"] == b1["data"]["ct_stats"]
+    assert s0["folds"] == s1["folds"] and (s0["fold"], s1["fold"]) == (0, 1)
+    assert sorted(c["name"] for c in s0["val"] + s1["val"]) == [f"phantom_00{i}" for i in range(4)]
 
 
 def test_mlflow_run_is_logged_and_named(workdir, monkeypatch):

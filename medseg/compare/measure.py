@@ -65,12 +65,14 @@ def model_grid_label(bundle, lut: np.ndarray, image: str, label: str) -> tuple[n
     return np.asarray(item["label"][0]).astype(np.int64), tuple(float(s) for s in bundle.data.spacing)
 
 
-def score_model_grid(pred: np.ndarray, gt: np.ndarray, spacing, labels: list[str], case: str) -> list[dict[str, Any]]:
-    """``medseg evaluate``'s per-class metrics on two model-grid label maps coded 1..N = ``labels``."""
+def score_model_grid(pred: np.ndarray, gt: np.ndarray, spacing, labels: list[str], case: str,
+                     scored: list[str] | None = None) -> list[dict[str, Any]]:
+    """``medseg evaluate``'s per-class metrics on two model-grid label maps coded 1..N = ``labels``,
+    for the classes in ``scored`` (default all; background is what is in none of them, as evaluate does)."""
     from medseg.engine.evaluate import ClassSpec, score_case
     from medseg.errors import MedsegError
 
     if pred.shape != gt.shape:
         raise MedsegError(f"case {case}: model-grid prediction {pred.shape} and ground truth {gt.shape} differ")
-    classes = [ClassSpec(name, (i,), (i,)) for i, name in enumerate(labels, start=1)]
+    classes = [ClassSpec(name, (i,), (i,)) for i, name in enumerate(labels, start=1) if scored is None or name in scored]
     return [{"case": case, **row} for row in score_case(pred, gt, spacing, classes)]

@@ -19,7 +19,9 @@ from medseg.errors import BundleError, MedsegError
 # Must be equal whatever --allow-mixed says: they decide which cases exist and what their labels mean.
 CASE_FIELDS = ("data.source", "data.source_labels", "data.phantom")
 # Must be equal unless --allow-mixed: they decide what is predicted and what the model sees.
-PROTOCOL_FIELDS = ("data.labels", "data.spacing", "data.normalization", "data.hu_window", "data.ct_stats")
+PROTOCOL_FIELDS = ("data.labels", "data.spacing", "data.normalization", "data.hu_window", "data.ct_stats",
+                   # and how a prediction is finished: the same window blending and postprocessing for every model
+                   "sliding_window.overlap", "sliding_window.mode", "postprocess.largest_component")
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Protocol:
 
     def as_dict(self) -> dict[str, Any]:
         first = self.entries[0].bundle
-        return {"bundles": {e.name: str(e.path) for e in self.entries}, "folds": None if self.test else self.folds,
+        return {"bundles": {e.name: str(e.path.resolve()) for e in self.entries}, "folds": None if self.test else self.folds,
                 "test": str(self.test) if self.test else None, "iterations": self.iterations, "minutes": self.minutes,
                 "budget": self.budget(), "data_source": first.data.source, "labels": first.data.labels,
                 "spacing": first.data.spacing, "normalization": first.data.normalization,

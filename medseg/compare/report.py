@@ -16,7 +16,8 @@ import numpy as np
 from medseg.data.io import write_text_atomic
 
 METRICS = ("dice", "iou", "precision", "recall", "accuracy", "hd95_mm", "nsd")
-COST = ("parameters", "flops_per_window", "flops_per_volume", "train_seconds", "infer_seconds_per_volume", "peak_memory_bytes")
+COST = ("parameters", "patches_per_step", "train_flops_per_step", "flops_per_window", "flops_per_volume", "train_seconds",
+        "infer_seconds_per_volume", "model_bytes", "peak_memory_bytes")
 
 
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
@@ -36,7 +37,7 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     model grid) and class, then the foreground mean (class ``mean``); the model's cost on every row."""
     rows = []
     for m in report["models"]:
-        cost = {k: m[k] for k in COST}
+        cost = {k: m.get(k) for k in COST}
         for space in ("original", "training_spacing"):
             block = m[space]
             if block is None:
@@ -79,15 +80,17 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- note: {note}")
     lines += ["", "## Scores in each scan's own geometry (medseg evaluate), foreground mean over classes", "",
               "| model | Dice | IoU | precision | recall | accuracy | HD95 mm | NSD | Dice at training spacing | params (M) | "
-              "GFLOPs / window | GFLOPs / volume | train min | infer s / volume | peak memory MB |",
-              "|" + " --- |" * 15]
+              "train GFLOPs / step | GFLOPs / window | GFLOPs / volume | train min | infer s / volume | "
+              "inference memory above the weights, MB |",
+              "|" + " --- |" * 16]
     for m in models:
         s = m["original"]["summary"]
         grid = m["training_spacing"]["summary"]["mean_dice"] if m["training_spacing"] else None
         train = "-" if m["train_seconds"] is None else f"{m['train_seconds'] / 60:.1f}"
         lines.append(f"| {m['name']} ({m['display']}) | {_f(s['mean_dice'])} | {_f(s['mean_iou'])} | {_f(s['mean_precision'])} | "
                      f"{_f(s['mean_recall'])} | {_f(s['mean_accuracy'], 4)} | {_f(s['mean_hd95_mm'], 1)} | {_f(s['mean_nsd'])} | "
-                     f"{_f(grid)} | {m['parameters'] / 1e6:.2f} | {_giga(m['flops_per_window'])} | {_giga(m['flops_per_volume'])} | "
+                     f"{_f(grid)} | {m['parameters'] / 1e6:.2f} | {_giga(m.get('train_flops_per_step'))} | "
+                     f"{_giga(m['flops_per_window'])} | {_giga(m['flops_per_volume'])} | "
                      f"{train} | {m['infer_seconds_per_volume']:.2f} | {m['peak_memory_bytes'] / 2**20:.0f} |")
     classes = [c for c in models[0]["original"]["per_class"] if c != "background"]
     lines += ["", "## Dice per class (each scan's geometry / training spacing)", "",
@@ -99,10 +102,15 @@ def markdown(report: dict[str, Any]) -> str:
             b = m["training_spacing"]["per_class"].get(c, {}).get("dice") if m["training_spacing"] else None
             cells.append(f"{_f(a)} / {_f(b)}")
         lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "Training time is the optimiser steps' wall clock summed over folds (validation not counted); inference "
-              "time and peak memory are per volume, measured while `medseg infer`'s code segmented the scored cases "
-              f"({models[0]['memory_how']}). FLOPs are counted on the model (2 x multiply-adds) per sliding window, times the "
-              "windows on each body crop.", "",
+    lines += ["", "How these are measured: training time is the optimiser steps' wall clock summed over folds (validation "
+              "not counted). Inference seconds are the median per volume of `medseg infer`'s code from the scan in memory "
+              "to labels on its grid (reading and writing files not counted). Inference memory is the peak while a volume "
+              f"is segmented above what was in use before, the loaded weights excluded ({models[0]['memory_how']}); on the "
+              "CPU it depends on what the allocator kept from earlier cases. FLOPs are counted on the model (2 x "
+              "multiply-adds): training per step (forward and backward of the step's patches), inference per sliding "
+              "window and times the windows on each body crop. Both score spaces use the bundles' postprocessing "
+              "(largest connected component). The budget is the same number of optimiser steps (or minutes), not the "
+              "same compute: the train GFLOPs / step column says what a step costs each model.", "",
               "![Dice per model and class](dice.png)", "", "![The same slice, every model](slices.png)", "",
               "![Learning curves](curves.png)", ""]
     return "\n".join(lines)
@@ -242,7 +250,8 @@ def learning_curves(report: dict[str, Any], path: Path) -> dict[str, Any]:
             if val:
                 dice_ax.plot(*zip(*val), color=colours[i], lw=1, label=label, marker=".")
     loss_ax.set(xlabel="optimiser step", ylabel="training loss (epoch mean)")
-    dice_ax.set(xlabel="optimiser step", ylabel="validation mean Dice", ylim=(0, 1))
+    what = "mean Dice on the training cases" if report["protocol"].get("test") else "validation mean Dice"
+    dice_ax.set(xlabel="optimiser step", ylabel=what, ylim=(0, 1))
     dice_ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ def compare(bundles: list[str | Path], *, output: str | Path = "compare", data: 
     cases = sorted(found.cases, key=lambda c: c.name)
     if test is None:
         splits = read_split_file(split, cases) if split is not None else kfold(cases, folds, first.data.split_seed)
+        _check_partition(splits, cases, split)
+        proto.folds = len(splits)
     else:
         splits = [{"train": [c.name for c in cases], "val": [c.name for c in cases]}]
     plans = plan_once(entries, found, lut, cases, str(dev))
@@ -77,40 +80,25 @@ def compare(bundles: list[str | Path], *, output: str | Path = "compare", data: 
         scored, gt_names = found, found.source_labels or {i: n for i, n in enumerate(first.data.labels, start=1)}
 
     _prepare_output(out, proto, splits, plans)
-    from medseg.data.labels import build_lut
-
-    gt_lut = build_lut(first.data.labels, gt_names) if not mixed.get("data.labels") else None
+    gt_lut = _score_lut(first.data.labels, gt_names) if not mixed.get("data.labels") else None
     gt_dir = _link_ground_truth(out, scored.cases, gt_names)
     tracker = _tracker(first, proto, out)
     for note in data_notes:
         _say(console, f"note: {note}")
 
     n_folds = len(splits) if test is None else 1
-    jobs = [(e, k) for e in entries for k in range(n_folds)]
+    jobs = len(entries) * n_folds
     t_start = time.time()
-    results = []
-    for i, e in enumerate(entries):
-        model_run = tracker.start(e.name, {"bundle": str(e.path), "model": e.bundle.model.name}, parent=tracker.parent,
-                                  tags={"medseg.compare.model": e.name})
-        folds_out = []
-        for k in range(n_folds):
-            done = i * n_folds + k
-            eta = "" if not done else f", ETA {_clock((time.time() - t_start) / done * (len(jobs) - done))}"
-            where = f"fold {k + 1}/{n_folds}" if test is None else "all cases"
-            _say(console, f"compare [{done + 1}/{len(jobs)}] {e.name} ({e.bundle.model.name}), {where}: training "
-                          f"(elapsed {_clock(time.time() - t_start)}{eta})")
-            fold = k if test is None else None
-            bundle = fold_bundle(e, fold, out / "splits.json")
-            run_dir = out / "runs" / e.name / (f"fold{k}" if test is None else "all")
-            run = _train(bundle, run_dir, dev, progress, console, {"mlflow.parentRunId": model_run, "medseg.fold": str(fold)}
-                         if model_run else None)
-            val = {c.name: c for c in scored.cases} if test is not None else {c.name: c for c in cases if c.name in splits[k]["val"]}
-            _say(console, f"compare [{done + 1}/{len(jobs)}] {e.name}, {where}: segmenting {len(val)} case(s)")
-            folds_out.append(_predict(run, list(val.values()), out / "predictions" / e.name, dev, gt_lut, k, fold))
-        result = _score(e, folds_out, out, gt_dir, proto)
-        results.append(result)
-        tracker.log(model_run, _headline(result))
-        tracker.end(model_run)
+    results: list[dict[str, Any]] = []
+    open_runs = [tracker.parent]
+    ctx = _Context(out=out, proto=proto, splits=splits, cases=cases, scored=scored.cases, test=test is not None, gt_dir=gt_dir,
+                   gt_lut=gt_lut, dev=dev, progress=progress, console=console, tracker=tracker, n_folds=n_folds, t_start=t_start)
+    try:
+        _run_all(ctx, results, open_runs)
+    except BaseException as e:
+        for run_id in reversed(open_runs):
+            tracker.end(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     from medseg.compare.report import write_report
 
     report = {"protocol": proto.as_dict(), "device": str(dev), "splits": splits if test is None else None,
@@ -120,12 +108,91 @@ def compare(bundles: list[str | Path], *, output: str | Path = "compare", data: 
     for p in paths:
         tracker.artifact(tracker.parent, p)
     tracker.end(tracker.parent)
-    _say(console, f"compare: {len(entries)} model(s), {len(jobs)} training run(s) in {_clock(time.time() - t_start)}; "
+    _say(console, f"compare: {len(entries)} model(s), {jobs} training run(s) in {_clock(time.time() - t_start)}; "
                   f"report: {out / 'compare.md'}")
     return report
 
 
+@dataclass
+class _Context:
+    """What every fold of every model shares."""
+
+    out: Path
+    proto: Protocol
+    splits: list[dict[str, list[str]]]
+    cases: list  # the data's cases (Case)
+    scored: list  # the cases scored: the data's (cross-validation) or the --test set's
+    test: bool
+    gt_dir: Path
+    gt_lut: Any  # ground-truth value -> output class, None when the classes are mixed
+    dev: Any
+    progress: str
+    console: Console
+    tracker: _Tracker
+    n_folds: int
+    t_start: float
+
+
+def _run_all(ctx: _Context, results: list[dict[str, Any]], open_runs: list[str | None]) -> None:
+    """Every model, every fold: train (or reuse, or resume), segment its validation (or test) cases, score."""
+    entries, n_folds, tracker, console, out = ctx.proto.entries, ctx.n_folds, ctx.tracker, ctx.console, ctx.out
+    jobs = len(entries) * n_folds
+    for i, e in enumerate(entries):
+        model_run = tracker.start(e.name, {"bundle": str(e.path), "model": e.bundle.model.name}, parent=tracker.parent,
+                                  tags={"medseg.compare.model": e.name})
+        open_runs.append(model_run)
+        folds_out = []
+        for k in range(n_folds):
+            done = i * n_folds + k
+            elapsed = time.time() - ctx.t_start
+            eta = "" if not done else f", ETA {_clock(elapsed / done * (jobs - done))}"
+            where = "all cases" if ctx.test else f"fold {k + 1}/{n_folds}"
+            _say(console, f"compare [{done + 1}/{jobs}] {e.name} ({e.bundle.model.name}), {where}: training "
+                          f"(elapsed {_clock(elapsed)}{eta})")
+            fold = None if ctx.test else k
+            bundle = fold_bundle(e, fold, out / "splits.json")
+            run_dir = out / "runs" / e.name / ("all" if ctx.test else f"fold{k}")
+            tags = {"mlflow.parentRunId": model_run, "medseg.fold": str(fold)} if model_run else None
+            run = _train(bundle, run_dir, ctx.dev, ctx.progress, console, tags)
+            tracker.adopt(run.info.get("tracking_run_id"), tags)  # a reused or resumed fold joins this comparison's tree
+            val = ctx.scored if ctx.test else [c for c in ctx.cases if c.name in ctx.splits[k]["val"]]
+            _say(console, f"compare [{done + 1}/{jobs}] {e.name}, {where}: segmenting {len(val)} case(s)")
+            folds_out.append(_predict(run, val, out / "predictions" / e.name, ctx.dev, ctx.gt_lut, fold))
+        result = _score(e, folds_out, out, ctx.gt_dir)
+        results.append(result)
+        tracker.log(model_run, _headline(result))
+        tracker.end(model_run)
+        open_runs.remove(model_run)
+
+
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_partition(splits, cases, source) -> None:
+    """Cross-validation scores every case once: the validation parts must cover the cases exactly once."""
+    seen: dict[str, int] = {}
+    for k, part in enumerate(splits):
+        for name in part["val"]:
+            if name in seen:
+                raise MedsegError(f"{source}: case {name} is validated in splits {seen[name]} and {k}; cross-validation scores "
+                                  "each case once, by the one fold that did not train on it")
+            seen[name] = k
+    missing = sorted(c.name for c in cases if c.name not in seen)
+    if missing:
+        raise MedsegError(f"{source}: {len(missing)} case(s) are in no split's validation part (first: {missing[0]}); "
+                          "cross-validation scores every case")
+
+
+def _score_lut(labels: list[str], gt_names: dict[int, str]):
+    """Ground-truth value -> output class, for the classes the ground truth names (a test set may
+    label fewer classes than the models predict: msd_spleen_8 only the spleen); others are background."""
+    import numpy as np
+
+    lut = np.zeros(max(max(gt_names, default=0) + 1, 2**16), dtype=np.int64)  # unnamed values (up to uint16) too
+    for value, name in gt_names.items():
+        if name in labels:
+            lut[value] = labels.index(name) + 1
+    return lut
 
 
 def _test_names(found, test_labels) -> dict[int, str]:
@@ -144,7 +211,15 @@ def _prepare_output(out: Path, proto: Protocol, splits, plans) -> None:
     from medseg.engine.run import write_json
 
     saved = out / "protocol.json"
-    record = {**proto.as_dict(), "splits": splits, "bundles_resolved": {e.name: e.bundle.to_dict() for e in proto.entries}}
+    from medseg.engine.train import resolve_paths
+
+    resolved = {}
+    for e in proto.entries:  # where the data are, not how they were typed; tracking is not part of a protocol
+        raw = resolve_paths(e.bundle).to_dict()
+        raw.pop("tracking", None)
+        resolved[e.name] = raw
+    record = {**proto.as_dict(), "splits": splits, "bundles_resolved": resolved}
+    record["data_source"] = resolved[proto.entries[0].name]["data"]["source"]
     record = json.loads(json.dumps(record))
     if saved.is_file():
         try:
@@ -189,6 +264,9 @@ def _train(bundle, run_dir: Path, dev, progress: str, console: Console, tags: di
 
     if (run_dir / "run.json").is_file():
         run = Run.open(run_dir)
+        if run.status == "running" or run.locked_by_other():
+            raise MedsegError(f"{run_dir} is being trained by another process (pid {run.info.get('pid')}); is another "
+                              "medseg compare writing this report?")
         if run.status == "complete":
             _say(console, f"  {run_dir} is complete: reused")
             return run
@@ -200,7 +278,7 @@ def _train(bundle, run_dir: Path, dev, progress: str, console: Console, tags: di
     return Run.open(run_dir)
 
 
-def _predict(run, cases, folder: Path, dev, gt_lut, k: int, fold: int | None) -> dict[str, Any]:
+def _predict(run, cases, folder: Path, dev, gt_lut, fold: int | None) -> dict[str, Any]:
     """Segment ``cases`` with the fold's last weights (the best checkpoint was chosen on these very
     cases); time it, measure its memory, and score it on the model grid too."""
     from medseg.compare.measure import PeakMemory, model_grid_label, score_model_grid
@@ -217,17 +295,20 @@ def _predict(run, cases, folder: Path, dev, gt_lut, k: int, fold: int | None) ->
                  "memory_how": mem.how, "crop_shape": list(seg.crop_shape), "volume_ml": seg.volume_ml}
         if gt_lut is not None:
             gt, spacing = model_grid_label(run.bundle, gt_lut, case.image, case.label)
-            rows += score_model_grid(seg.model_grid[0], gt, spacing, labels, case.name)
+            scored = [labels[v - 1] for v in sorted(set(gt_lut.tolist()) - {0})]
+            rows += score_model_grid(seg.model_grid[0], gt, spacing, labels, case.name, scored)
         per_case.append(entry)
     history = run.read_metrics()
     return {"fold": fold, "run": str(run.path), "steps": run.info.get("steps"), "train_seconds": run.info.get("train_seconds"),
             "time_limited": run.info.get("time_limited"), "cases": per_case, "model_grid_rows": rows, "history": history}
 
 
-def _score(e: Entry, folds: list[dict], out: Path, gt_dir: Path, proto: Protocol) -> dict[str, Any]:
+def _score(e: Entry, folds: list[dict], out: Path, gt_dir: Path) -> dict[str, Any]:
     """One model's row: ``medseg evaluate`` on its predictions in each scan's geometry, the same
     metric code on the model grid, cost and time."""
-    from medseg.cost.counted import model_cost, windows_for
+    import statistics
+
+    from medseg.cost.counted import model_cost, training_cost, windows_for
     from medseg.engine.evaluate import evaluate, summarise
     from medseg.models import get_spec
 
@@ -237,6 +318,8 @@ def _score(e: Entry, folds: list[dict], out: Path, gt_dir: Path, proto: Protocol
     grid = summarise(grid_rows, sorted({r["case"] for r in grid_rows})) if grid_rows else None
     classes = len(b.data.labels) + 1
     window = model_cost(b.model.name, b.infer_roi, classes, b.model.args)
+    patch = window if list(b.train.roi) == list(b.infer_roi) else model_cost(b.model.name, b.train.roi, classes, b.model.args)
+    patches = b.train.batch_size * b.train.samples_per_volume
     cases = [c for f in folds for c in f["cases"]]
     per_volume = [windows_for(c["crop_shape"], b.infer_roi, b.sliding_window.overlap) * window.forward_flops for c in cases]
     spec = get_spec(b.model.name)
@@ -248,7 +331,10 @@ def _score(e: Entry, folds: list[dict], out: Path, gt_dir: Path, proto: Protocol
         "train_seconds": round(sum(train_seconds), 1) if train_seconds else None,
         "train_seconds_per_fold": round(sum(train_seconds) / len(train_seconds), 1) if train_seconds else None,
         "steps": [f["steps"] for f in folds], "time_limited": any(f["time_limited"] for f in folds),
-        "infer_seconds_per_volume": round(sum(c["seconds"] for c in cases) / len(cases), 3),
+        "patches_per_step": patches, "train_flops_per_step": training_cost(patch, patches)["flops"],
+        # the median: each fold's first case also pays the new model's warm-up
+        "infer_seconds_per_volume": round(statistics.median(c["seconds"] for c in cases), 3),
+        "model_bytes": 4 * window.params,
         "peak_memory_bytes": max(c["peak_bytes"] for c in cases), "memory_how": cases[0]["memory_how"],
         "original": {"summary": original.summary, "per_class": original.mean, "rows": original.rows, "notes": original.notes},
         "training_spacing": ({"summary": grid.summary, "per_class": grid.mean, "rows": grid.rows, "spacing": list(b.data.spacing)}
@@ -302,6 +388,15 @@ class _Tracker:
         for key, value in params.items():
             self.client.log_param(run.info.run_id, key, json.dumps(value) if isinstance(value, (list, dict)) else value)
         return run.info.run_id
+
+    def adopt(self, run_id: str | None, tags: dict[str, str] | None) -> None:
+        """File an existing run (a fold trained by an earlier, interrupted comparison) under this one."""
+        if self.client is not None and run_id and tags:
+            try:
+                for key, value in tags.items():
+                    self.client.set_tag(run_id, key, value)
+            except Exception:  # a fold tracked in another store: it stays where it is
+                pass
 
     def log(self, run_id: str | None, metrics: dict[str, float]) -> None:
         if self.client is not None and run_id:

@@ -66,7 +66,7 @@ class Segmentation:
     resample: str = ""  # linear or nearest
     notes: list[str] = field(default_factory=list)
     crop_shape: tuple[int, ...] = ()  # the body crop on the model grid: what the sliding window covered
-    # with model_grid=True: (labels on the whole model grid, before postprocessing; its affine)
+    # with model_grid=True: (labels on the whole model grid, postprocessed as the output is; its affine)
     model_grid: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -92,8 +92,9 @@ class Predictor:
         if checkpoint not in CHECKPOINTS:
             raise MedsegError(f"--checkpoint must be best or last, got {checkpoint!r}")
         choose_resample(resample, 1, (1, 1, 1), False)  # refuse a bad value before loading anything
-        self.runs = resolve_runs(run, runs_root)
-        check_ensemble(self.runs)
+        self.notes: list[str] = []  # for the user: runs of a folder left out, an ensemble that is not one bundle's folds
+        self.runs = resolve_runs(run, runs_root, self.notes)
+        check_ensemble(self.runs, self.notes)
         self.run = self.runs[0]
         self.run_dir = self.run.path
         self.bundle = self.run.bundle
@@ -125,7 +126,7 @@ class Predictor:
         """Segment ``image`` (a NIfTI image, or a path to a NIfTI file or DICOM folder). ``classes``
         keeps only those classes in the labels (the probabilities keep every class); ``source``
         names an in-memory image in error messages (its path); ``model_grid`` also returns the labels on
-        the model grid (the run's spacing, RAS), before postprocessing, for metrics in that space."""
+        the model grid (the run's spacing, RAS), postprocessed like the output, for metrics in that space."""
         t0 = time.time()
         if not isinstance(image, nib.Nifti1Image):
             source, image = str(image), read_image(image)
@@ -143,6 +144,10 @@ class Predictor:
         if model_grid:
             full = np.zeros(grids.model_shape, dtype=result.labels.numpy().dtype)
             full[crop] = result.labels.numpy()
+            if self.largest_component:  # as on the input grid, so both spaces score the same answer
+                from medseg.engine.postprocess import keep_largest_component
+
+                keep_largest_component(full, self.largest_component)
             on_model_grid = (full, model_affine)
         crop_shape = tuple(int(v) for v in xc.shape[2:])
         del x, xc
@@ -163,17 +168,16 @@ class Predictor:
 
     def _sliding_window(self, x: torch.Tensor, n: int, probabilities: bool, on_window) -> WindowResult:
         """One run's sliding window; for an ensemble, the mean of every run's class probabilities
-        (float32 sum, one classes x crop buffer besides the current run's) and its argmax."""
+        (a float32 sum: one classes x crop buffer besides the current run's float16 one) and its argmax."""
         if len(self.members) == 1:
             window, predict = self.members[0]
             return sliding_window(x, predict, window, n, self.device, probabilities=probabilities, on_window=on_window)
         total, method = None, ""
-        for window, predict in self.members:
+        for window, predict in self.members:  # each run's float16 probabilities (what one run saves), summed in float32
             r = sliding_window(x, predict, window, n, self.device, probabilities=True, on_window=on_window)
-            p = r.probabilities.float()
-            total = p if total is None else total.add_(p)
+            total = r.probabilities.float() if total is None else total.add_(r.probabilities)
             method = r.method
-            del r, p
+            del r
         mean = total.div_(len(self.members))
         return WindowResult(argmax0(mean), mean.half() if probabilities else None, method)
 
@@ -201,7 +205,7 @@ class Predictor:
         return [by_name[n] for n in classes]
 
 
-def resolve_runs(run, runs_root: str | Path = "runs") -> list[Run]:
+def resolve_runs(run, runs_root: str | Path = "runs", notes: list[str] | None = None) -> list[Run]:
     """The runs ``run`` names: a run directory or :class:`Run`, a folder of run directories (its
     complete runs, by name), or a list of those; None: the newest complete run under ``runs_root``."""
     from medseg.engine.run import RUN_FILE, latest_complete_run
@@ -222,6 +226,9 @@ def resolve_runs(run, runs_root: str | Path = "runs") -> list[Run]:
             complete = [r for r in inside if r.status == "complete"]
             if not complete:
                 raise MedsegError(f"{path}: none of its {len(inside)} runs is complete")
+            left = [f"{r.name} ({r.status})" for r in inside if r.status != "complete"]
+            if left and notes is not None:
+                notes.append(f"{path}: left out of the ensemble, not complete: {', '.join(left)}")
             runs += complete
         else:
             runs.append(Run.open(path))
@@ -233,10 +240,22 @@ def resolve_runs(run, runs_root: str | Path = "runs") -> list[Run]:
     return runs
 
 
-def check_ensemble(runs: list[Run]) -> None:
-    """Runs averaged voxel by voxel must mean the same classes and see the same preprocessed scan."""
+def check_ensemble(runs: list[Run], notes: list[str] | None = None) -> None:
+    """Runs averaged voxel by voxel must mean the same classes and see the same preprocessed scan.
+    Folds (runs with ``data.fold``) of one split must be distinct folds; runs that are not one
+    bundle's folds are averaged with a note saying so."""
     if len(runs) < 2:
         return
+    folds = [r.bundle.data.fold for r in runs]
+    if all(f is not None for f in folds):
+        splits = {(r.bundle.data.split_file, r.bundle.data.folds, r.bundle.data.split_seed) for r in runs}
+        if len(splits) == 1 and len(set(folds)) < len(folds):
+            twice = next(f for f in folds if folds.count(f) > 1)
+            raise MedsegError(f"cannot ensemble: fold {twice} of the same split is named twice ("
+                              f"{', '.join(r.name for r in runs if r.bundle.data.fold == twice)}); an ensemble would weight it double")
+    models = sorted({r.bundle.model.name for r in runs})
+    if notes is not None and (len(models) > 1 or any(f is None for f in folds)):
+        notes.append(f"ensemble of {len(runs)} runs that are not all folds of one bundle (models: {', '.join(models)})")
     first = runs[0]
     fields = {
         "class names": lambda r: r.labels,
