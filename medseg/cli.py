@@ -61,6 +61,8 @@ def train(
         overrides.append("tracking.backend=none")
     if (folds is not None or split is not None) and fold is None:
         raise MedsegError("--folds and --split choose how cases are split; name the fold to train with --fold k")
+    if folds is not None and split is not None:
+        raise MedsegError("--split names the folds; leave out --folds")
     overrides += [f"data.{k}={json.dumps(v)}" for k, v in (("fold", fold), ("folds", folds), ("split_file", split)) if v is not None]
     if resume:
         if bundle is not None:

@@ -50,9 +50,25 @@ def compare(
         raise MedsegError("--test scores on a separate set: leave out --folds and --split")
     if folds is not None and split is not None:
         raise MedsegError("--split names the folds; leave out --folds")
-    report = run_compare(bundles, output=path_arg(output, "-o"), data=data, folds=5 if folds is None else folds, split=split,
-                         iterations=iterations, minutes=minutes, test=test, test_labels=test_labels, overrides=set_,
-                         allow_mixed=allow_mixed, device=device, tracking=tracking, progress=progress, console=err)
+    import signal
+
+    from medseg.cli import _stop_on_signals
+    from medseg.engine.train import StopFlag, Stopped
+
+    stop = StopFlag()
+    _stop_on_signals(stop)
+    again = "re-run the same medseg compare command to continue: finished folds are reused"
+    try:
+        report = run_compare(bundles, output=path_arg(output, "-o"), data=data, folds=5 if folds is None else folds, split=split,
+                             iterations=iterations, minutes=minutes, test=test, test_labels=test_labels, overrides=set_,
+                             allow_mixed=allow_mixed, device=device, tracking=tracking, progress=progress, console=err, stop=stop)
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/yellow]; {again}", highlight=False, soft_wrap=True)
+        raise typer.Exit(143 if stop.signal == signal.SIGTERM else 130) from None
+    except Stopped as e:
+        err.print(f"[yellow]stopped[/yellow] in epoch {e.epoch} after iteration {e.iteration} of {e.run_dir}; checkpoint written; "
+                  f"{again} and this fold resumes", highlight=False, soft_wrap=True)
+        raise typer.Exit(143 if e.signum == signal.SIGTERM else 130) from None
     table = Table(title="mean foreground scores, each scan's own geometry", title_justify="left")
     for col in ("model", "Dice", "IoU", "HD95 mm", "NSD", "params M", "GFLOPs/vol", "train min", "infer s"):
         table.add_column(col, justify="left" if col == "model" else "right")

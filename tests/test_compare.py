@@ -155,6 +155,16 @@ def test_a_rerun_reuses_the_runs_and_another_protocol_is_refused(report, cli, mo
     assert result.exit_code == 0, result.output
     assert result.output.count("is complete: reused") == 4
     assert (rep / "runs" / "tiny_fcn" / "fold0" / "checkpoint.pt").stat().st_mtime == before
+    # again with MLflow: the same parent and model runs continue (no second tree)
+    monkeypatch.chdir(folder)
+    result = cli("compare", *bundles, "--folds", "2", "--iterations", "8", "-o", "rep", "--progress", "off")
+    assert result.exit_code == 0, result.output
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("medseg").experiment_id])
+    assert len([r for r in runs if r.data.tags.get("medseg.compare")]) == 1
+    assert {r.info.status for r in runs} == {"FINISHED"}
     # the folds of one model are an ensemble
     image = next(Path(json.loads((rep / "compare.json").read_text())["models"][0]["folds"][0]["cases"][0]["image"]).parent.glob("*.nii.gz"))
     result = cli("infer", image, "--run", rep / "runs" / "tiny_fcn", "-o", folder / "ens_seg.nii.gz")
@@ -175,13 +185,50 @@ def test_bundles_that_disagree_on_the_protocol_are_refused(tmp_path, cli, monkey
     assert result.exit_code == 2 and "--iterations N" in result.output
 
 
+def test_mistakes_are_refused_before_the_report_folder_is_written(tmp_path, cli, monkeypatch):
+    import fcntl
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    bundles = write_bundles(tmp_path)
+    cases = [
+        (["-o", bundles[0]], "is a file; the report needs a folder"),
+        (["--test-labels", bundles[0]], "--test-labels names the classes of a --test set"),
+        (["--set", "data.fold=1"], "data.fold / data.split_file are chosen by medseg compare"),
+        ([], "axes must name distinct axes"),  # the tri-planar's own check, which only building the network makes
+    ]
+    bad_axes = json.loads(bundles[1].read_text())
+    bad_axes["model"]["args"]["axes"] = ["axial", "coronl"]
+    (tmp_path / "bad_axes.json").write_text(json.dumps(bad_axes))
+    for extra, message in cases:
+        chosen = [bundles[0], tmp_path / "bad_axes.json"] if not extra else bundles
+        result = cli("compare", *chosen, "--folds", "2", "--iterations", "8", "--tracking", "none", *extra)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (extra, result.output)
+        assert len(error_lines := [ln for ln in result.output.splitlines() if ln.startswith("error:")]) == 1, error_lines
+        assert not (tmp_path / "compare").exists(), extra
+    result = cli("compare", bundles[0], tmp_path / "." / bundles[0].name, "--iterations", "8")
+    assert result.exit_code == 2 and "is named twice" in result.output
+    # a second compare on a report folder that one is writing
+    (tmp_path / "busy").mkdir()
+    fd = os.open(tmp_path / "busy" / ".compare.lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"pid 1 on elsewhere")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        result = cli("compare", *bundles, "--folds", "2", "--iterations", "8", "--tracking", "none", "-o", tmp_path / "busy")
+    finally:
+        os.close(fd)
+    assert result.exit_code == 2 and "being written by another medseg compare (pid 1 on elsewhere)" in " ".join(result.output.split())
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".compare.lock"]
+
+
 def test_split_files_must_score_every_case_once(tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bundles = write_bundles(tmp_path)
     cases = ["phantom_000", "phantom_001", "phantom_002", "phantom_003"]
     for splits, message in [
         ([{"train": cases[2:], "val": cases[:2]}], "2 case(s) are in no split's validation part (first: phantom_002)"),
-        ([{"train": cases[1:], "val": cases[:2]}, {"train": cases[:2], "val": cases[1:]}], "phantom_001 is validated in splits 0 and 1"),
+        ([{"train": cases[2:], "val": cases[:2]}, {"train": [cases[0], cases[3]], "val": cases[1:3]}],
+         "phantom_001 is validated in splits 0 and 1"),
     ]:
         (tmp_path / "split.json").write_text(json.dumps(splits))
         result = cli("compare", *bundles, "--split", tmp_path / "split.json", "--iterations", "8", "--tracking", "none")

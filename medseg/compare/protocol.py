@@ -9,6 +9,7 @@ meanings, phantom) must always be the same: a split by case name means nothing o
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ class Protocol:
                 "test": str(self.test) if self.test else None, "iterations": self.iterations, "minutes": self.minutes,
                 "budget": self.budget(), "data_source": first.data.source, "labels": first.data.labels,
                 "spacing": first.data.spacing, "normalization": first.data.normalization,
-                "ct_stats": first.to_dict()["data"]["ct_stats"], "allow_mixed": self.allow_mixed, "mixed": self.mixed}
+                "ct_stats": first.to_dict()["data"]["ct_stats"], "postprocess": first.postprocess.largest_component,
+                "overlap": first.sliding_window.overlap, "allow_mixed": self.allow_mixed, "mixed": self.mixed}
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -87,8 +89,12 @@ def load_entries(paths: list[Path], overrides: list[str], *, data: str | None, i
         raise MedsegError("name the training budget every model gets: --iterations N (optimiser steps) or --minutes M (wall clock)")
     if iterations is not None and iterations < 1:
         raise MedsegError(f"--iterations must be >= 1, got {iterations}")
-    if minutes is not None and not minutes > 0:
-        raise MedsegError(f"--minutes must be > 0, got {minutes}")
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise MedsegError(f"--minutes must be a number > 0, got {minutes}")
+    resolved = [p.resolve() for p in paths]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            raise MedsegError(f"bundle {paths[i]} is named twice; a comparison trains each bundle once")
     common = list(overrides)
     if data is not None:
         common.append(f"data.source={data}")
@@ -104,7 +110,9 @@ def load_entries(paths: list[Path], overrides: list[str], *, data: str | None, i
         try:
             bundle = load_bundle(path, common)
         except BundleError as e:
-            raise BundleError(f"{path}: {e}") from None
+            raise BundleError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+        if bundle.data.fold is not None or bundle.data.split_file is not None:
+            raise MedsegError(f"{path}: data.fold / data.split_file are chosen by medseg compare (--folds, --split); leave them out")
         entries.append(Entry(name, Path(path), bundle))
     return entries
 

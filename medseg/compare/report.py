@@ -75,7 +75,7 @@ def markdown(report: dict[str, Any]) -> str:
     scored = f"{p['folds']}-fold cross-validation" if p["folds"] else f"trained on every case, scored on {p['test']}"
     lines += [f"- data: {p['data_source']}; classes: {', '.join(p['labels'])}; {scored}",
               f"- budget: {p['budget']}; spacing {p['spacing']} mm; normalisation {p['normalization']}",
-              f"- device: {report['device']}; total {report['seconds'] / 60:.1f} min", ""]
+              f"- device: {report['device']}; this invocation took {report['seconds'] / 60:.1f} min (runs it reused not counted)", ""]
     for note in report["notes"]:
         lines.append(f"- note: {note}")
     lines += ["", "## Scores in each scan's own geometry (medseg evaluate), foreground mean over classes", "",
@@ -102,14 +102,16 @@ def markdown(report: dict[str, Any]) -> str:
             b = m["training_spacing"]["per_class"].get(c, {}).get("dice") if m["training_spacing"] else None
             cells.append(f"{_f(a)} / {_f(b)}")
         lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
+    kept = p.get("postprocess") or []
+    post = (f"Both score spaces keep the largest connected component of {', '.join(kept)} (postprocess.largest_component)."
+            if kept else "No postprocessing (postprocess.largest_component is empty).")
     lines += ["", "How these are measured: training time is the optimiser steps' wall clock summed over folds (validation "
               "not counted). Inference seconds are the median per volume of `medseg infer`'s code from the scan in memory "
               "to labels on its grid (reading and writing files not counted). Inference memory is the peak while a volume "
               f"is segmented above what was in use before, the loaded weights excluded ({models[0]['memory_how']}); on the "
               "CPU it depends on what the allocator kept from earlier cases. FLOPs are counted on the model (2 x "
               "multiply-adds): training per step (forward and backward of the step's patches), inference per sliding "
-              "window and times the windows on each body crop. Both score spaces use the bundles' postprocessing "
-              "(largest connected component). The budget is the same number of optimiser steps (or minutes), not the "
+              f"window and times the windows on each body crop. {post} The budget is the same number of optimiser steps (or minutes), not the "
               "same compute: the train GFLOPs / step column says what a step costs each model.", "",
               "![Dice per model and class](dice.png)", "", "![The same slice, every model](slices.png)", "",
               "![Learning curves](curves.png)", ""]
@@ -222,9 +224,13 @@ def slice_figure(report: dict[str, Any], path: Path) -> dict[str, Any]:
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"{case}, axial slice {z + 1}/{image.shape[2]} (patient's right on the left)", fontsize=9)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=lut[i], label=name) for i, name in enumerate(labels, start=1)]
+    fig.legend(handles=handles, loc="lower center", ncols=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     _save(fig, path)
-    return {"file": path.name, "case": case, "slice": z, "panels": [t for t, _ in panels]}
+    return {"file": path.name, "case": case, "axial_slice_1based": z + 1, "panels": [t for t, _ in panels]}
 
 
 def learning_curves(report: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -249,7 +255,12 @@ def learning_curves(report: dict[str, Any], path: Path) -> dict[str, Any]:
             loss_ax.plot(steps, loss, color=colours[i], lw=1, label=label, marker=".")
             if val:
                 dice_ax.plot(*zip(*val), color=colours[i], lw=1, label=label, marker=".")
+    from matplotlib.ticker import MaxNLocator
+
     loss_ax.set(xlabel="optimiser step", ylabel="training loss (epoch mean)")
+    loss_ax.legend(fontsize=8, title="one line per fold", title_fontsize=8)
+    for ax in (loss_ax, dice_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     what = "mean Dice on the training cases" if report["protocol"].get("test") else "validation mean Dice"
     dice_ax.set(xlabel="optimiser step", ylabel=what, ylim=(0, 1))
     dice_ax.legend(fontsize=8)

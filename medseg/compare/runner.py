@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,10 @@ def compare(bundles: list[str | Path], *, output: str | Path = "compare", data: 
             split: str | Path | None = None, iterations: int | None = None, minutes: float | None = None,
             test: str | Path | None = None, test_labels: str | Path | None = None, overrides: list[str] | None = None,
             allow_mixed: bool = False, device: str = "auto", tracking: str = "mlflow", progress: str = "auto",
-            console: Console | None = None) -> dict[str, Any]:
+            console: Console | None = None, stop=None) -> dict[str, Any]:
     """Train and score every bundle under one protocol; write the report into ``output``. Returns
-    the report (what compare.json holds)."""
+    the report (what compare.json holds). ``stop``: a :class:`medseg.engine.train.StopFlag` that
+    Ctrl-C / SIGTERM set; the fold in training then checkpoints and :class:`Stopped` is raised."""
     from medseg.data.datasets import kfold, prepare, read_split_file, resolve_source
     from medseg.engine.device import resolve_device
     from medseg.models import check_before_data
@@ -53,6 +55,10 @@ def compare(bundles: list[str | Path], *, output: str | Path = "compare", data: 
     overrides = list(overrides or []) + (["tracking.backend=none"] if tracking == "none" else [])
     if folds < 2 and test is None:
         raise MedsegError(f"--folds must be at least 2, got {folds} (or score on a separate --test set)")
+    if test_labels is not None and test is None:
+        raise MedsegError("--test-labels names the classes of a --test set; give --test too")
+    if out.exists() and not out.is_dir():
+        raise MedsegError(f"-o {out} is a file; the report needs a folder")
     entries = load_entries([Path(b) for b in bundles], overrides, data=data, iterations=iterations, minutes=minutes,
                            test=test is not None)
     mixed = check_protocol(entries, allow_mixed)
@@ -73,44 +79,17 @@ def compare(bundles: list[str | Path], *, output: str | Path = "compare", data: 
     else:
         splits = [{"train": [c.name for c in cases], "val": [c.name for c in cases]}]
     plans = plan_once(entries, found, lut, cases, str(dev))
+    _build_each(entries)
     if test is not None:
         scored = resolve_source(type(first.data)(source=str(test), labels=first.data.labels))
         gt_names = _test_names(scored, test_labels)
     else:
         scored, gt_names = found, found.source_labels or {i: n for i, n in enumerate(first.data.labels, start=1)}
 
-    _prepare_output(out, proto, splits, plans)
-    gt_lut = _score_lut(first.data.labels, gt_names) if not mixed.get("data.labels") else None
-    gt_dir = _link_ground_truth(out, scored.cases, gt_names)
-    tracker = _tracker(first, proto, out)
-    for note in data_notes:
-        _say(console, f"note: {note}")
-
-    n_folds = len(splits) if test is None else 1
-    jobs = len(entries) * n_folds
-    t_start = time.time()
-    results: list[dict[str, Any]] = []
-    open_runs = [tracker.parent]
-    ctx = _Context(out=out, proto=proto, splits=splits, cases=cases, scored=scored.cases, test=test is not None, gt_dir=gt_dir,
-                   gt_lut=gt_lut, dev=dev, progress=progress, console=console, tracker=tracker, n_folds=n_folds, t_start=t_start)
-    try:
-        _run_all(ctx, results, open_runs)
-    except BaseException as e:
-        for run_id in reversed(open_runs):
-            tracker.end(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    from medseg.compare.report import write_report
-
-    report = {"protocol": proto.as_dict(), "device": str(dev), "splits": splits if test is None else None,
-              "plans": plans, "ground_truth": str(gt_dir), "models": results,
-              "notes": _notes(proto), "seconds": round(time.time() - t_start, 1)}
-    paths = write_report(report, out)
-    for p in paths:
-        tracker.artifact(tracker.parent, p)
-    tracker.end(tracker.parent)
-    _say(console, f"compare: {len(entries)} model(s), {jobs} training run(s) in {_clock(time.time() - t_start)}; "
-                  f"report: {out / 'compare.md'}")
-    return report
+    ctx = _Context(out=out, proto=proto, splits=splits, cases=cases, scored=scored.cases, test=test is not None, dev=dev,
+                   progress=progress, console=console, stop=stop, plans=plans, gt_names=gt_names, data_notes=data_notes)
+    with _report_lock(out):
+        return _compare_locked(ctx)
 
 
 @dataclass
@@ -123,23 +102,65 @@ class _Context:
     cases: list  # the data's cases (Case)
     scored: list  # the cases scored: the data's (cross-validation) or the --test set's
     test: bool
-    gt_dir: Path
-    gt_lut: Any  # ground-truth value -> output class, None when the classes are mixed
     dev: Any
     progress: str
     console: Console
-    tracker: _Tracker
-    n_folds: int
-    t_start: float
+    stop: Any  # medseg.engine.train.StopFlag: Ctrl-C / SIGTERM finish the step and checkpoint
+    plans: dict[str, Any] | None
+    gt_names: dict[int, str]  # ground-truth value -> class name
+    data_notes: list[str]
+    # set once the report folder is held
+    gt_dir: Path | None = None
+    gt_lut: Any = None  # ground-truth value -> output class, None when the classes are mixed
+    tracker: _Tracker | None = None
+    t_start: float = 0.0
+
+    @property
+    def n_folds(self) -> int:
+        return 1 if self.test else len(self.splits)
+
+
+def _compare_locked(ctx: _Context) -> dict[str, Any]:
+    """The comparison itself, holding the report folder's lock."""
+    out, proto, console = ctx.out, ctx.proto, ctx.console
+    first = proto.entries[0].bundle
+    _prepare_output(out, proto, ctx.splits, ctx.plans)
+    ctx.gt_lut = _score_lut(first.data.labels, ctx.gt_names) if not proto.mixed.get("data.labels") else None
+    ctx.gt_dir = _link_ground_truth(out, ctx.scored, ctx.gt_names)
+    ctx.tracker = tracker = _tracker(first, proto, out)
+    for note in ctx.data_notes:
+        _say(console, f"note: {note}")
+    jobs = len(proto.entries) * ctx.n_folds
+    ctx.t_start = time.time()
+    results: list[dict[str, Any]] = []
+    open_runs = [tracker.parent]
+    try:
+        _run_all(ctx, results, open_runs)
+    except BaseException as e:
+        for run_id in reversed(open_runs):
+            tracker.end(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "Stopped" else "FAILED")
+        raise
+    from medseg.compare.report import write_report
+
+    report = {"protocol": proto.as_dict(), "device": str(ctx.dev), "splits": None if ctx.test else ctx.splits,
+              "plans": ctx.plans, "ground_truth": str(ctx.gt_dir.resolve()), "models": results,
+              "notes": _notes(proto, results), "seconds": round(time.time() - ctx.t_start, 1)}
+    paths = write_report(report, out)
+    for p in paths:
+        tracker.artifact(tracker.parent, p)
+    tracker.end(tracker.parent)
+    _say(console, f"compare: {len(proto.entries)} model(s), {jobs} training run(s) in {_clock(time.time() - ctx.t_start)}; "
+                  f"report: {out / 'compare.md'}")
+    return report
 
 
 def _run_all(ctx: _Context, results: list[dict[str, Any]], open_runs: list[str | None]) -> None:
     """Every model, every fold: train (or reuse, or resume), segment its validation (or test) cases, score."""
     entries, n_folds, tracker, console, out = ctx.proto.entries, ctx.n_folds, ctx.tracker, ctx.console, ctx.out
+    assert tracker is not None and ctx.gt_dir is not None  # set by _compare_locked (a programming error otherwise)
     jobs = len(entries) * n_folds
     for i, e in enumerate(entries):
-        model_run = tracker.start(e.name, {"bundle": str(e.path), "model": e.bundle.model.name}, parent=tracker.parent,
-                                  tags={"medseg.compare.model": e.name})
+        model_run = tracker.model_run(e.name, {"bundle": str(e.path), "model": e.bundle.model.name})
         open_runs.append(model_run)
         folds_out = []
         for k in range(n_folds):
@@ -153,7 +174,7 @@ def _run_all(ctx: _Context, results: list[dict[str, Any]], open_runs: list[str |
             bundle = fold_bundle(e, fold, out / "splits.json")
             run_dir = out / "runs" / e.name / ("all" if ctx.test else f"fold{k}")
             tags = {"mlflow.parentRunId": model_run, "medseg.fold": str(fold)} if model_run else None
-            run = _train(bundle, run_dir, ctx.dev, ctx.progress, console, tags)
+            run = _train(bundle, run_dir, ctx.dev, ctx.progress, console, tags, ctx.stop)
             tracker.adopt(run.info.get("tracking_run_id"), tags)  # a reused or resumed fold joins this comparison's tree
             val = ctx.scored if ctx.test else [c for c in ctx.cases if c.name in ctx.splits[k]["val"]]
             _say(console, f"compare [{done + 1}/{jobs}] {e.name}, {where}: segmenting {len(val)} case(s)")
@@ -166,6 +187,49 @@ def _run_all(ctx: _Context, results: list[dict[str, Any]], open_runs: list[str |
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _build_each(entries) -> None:
+    """Build every network once (on the CPU, untrained): what only MONAI's or medseg's constructors
+    check (a tri-planar `axes` typo) fails before the report folder is written."""
+    from medseg.engine.run import build_model
+    from medseg.errors import BundleError
+
+    for e in entries:
+        try:
+            build_model(e.bundle)
+        except BundleError as err:
+            raise BundleError(f"{e.path}: {err}") from None
+
+
+@contextmanager
+def _report_lock(out: Path):
+    """Hold ``out/.compare.lock`` (flock) for the whole comparison: a second medseg compare writing the
+    same report fails at once, naming the first."""
+    import fcntl
+    import socket
+
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".compare.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise MedsegError(f"cannot write the report to {out} ({e.strerror or e}); choose another -o") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise MedsegError(f"{out} is being written by another medseg compare ({holder}); wait for it or choose another -o") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield
+    finally:
+        os.close(fd)
+        if made and [p.name for p in out.iterdir()] == [".compare.lock"]:  # refused before anything was written
+            (out / ".compare.lock").unlink(missing_ok=True)
+            out.rmdir()
 
 
 def _check_partition(splits, cases, source) -> None:
@@ -229,7 +293,7 @@ def _prepare_output(out: Path, proto: Protocol, splits, plans) -> None:
         if old != record:
             raise MedsegError(f"{out} holds another comparison (its protocol.json differs: other bundles, data, folds or "
                               "budget); choose another -o")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != ".compare.lock" for p in out.iterdir()):
         raise MedsegError(f"{out} exists and is not a medseg compare report; choose another -o")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -257,7 +321,7 @@ def _link_ground_truth(out: Path, cases, names: dict[int, str]) -> Path:
     return gt
 
 
-def _train(bundle, run_dir: Path, dev, progress: str, console: Console, tags: dict | None):
+def _train(bundle, run_dir: Path, dev, progress: str, console: Console, tags: dict | None, stop=None):
     """Train the fold into ``run_dir``, or reuse it when complete, or resume it when it was stopped."""
     from medseg.engine.run import Run
     from medseg.engine.train import train
@@ -271,10 +335,18 @@ def _train(bundle, run_dir: Path, dev, progress: str, console: Console, tags: di
             _say(console, f"  {run_dir} is complete: reused")
             return run
         if run.checkpoint() is not None or run.status in ("interrupted", "killed", "failed"):
-            train(bundle, run_dir=run_dir, resume=True, device=str(dev), console=console, progress=progress)
+            try:
+                train(bundle, run_dir=run_dir, resume=True, device=str(dev), console=console, progress=progress, stop=stop)
+            finally:
+                if stop is not None:
+                    stop.armed = False
             return Run.open(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    train(bundle, run_dir=run_dir, device=str(dev), console=console, progress=progress, tracking_tags=tags)
+    try:
+        train(bundle, run_dir=run_dir, device=str(dev), console=console, progress=progress, tracking_tags=tags, stop=stop)
+    finally:
+        if stop is not None:
+            stop.armed = False  # outside training a signal interrupts at once (outputs are written atomically)
     return Run.open(run_dir)
 
 
@@ -299,7 +371,7 @@ def _predict(run, cases, folder: Path, dev, gt_lut, fold: int | None) -> dict[st
             rows += score_model_grid(seg.model_grid[0], gt, spacing, labels, case.name, scored)
         per_case.append(entry)
     history = run.read_metrics()
-    return {"fold": fold, "run": str(run.path), "steps": run.info.get("steps"), "train_seconds": run.info.get("train_seconds"),
+    return {"fold": fold, "run": str(run.path.resolve()), "steps": run.info.get("steps"), "train_seconds": run.info.get("train_seconds"),
             "time_limited": run.info.get("time_limited"), "cases": per_case, "model_grid_rows": rows, "history": history}
 
 
@@ -357,8 +429,10 @@ def _headline(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
-def _notes(proto: Protocol) -> list[str]:
+def _notes(proto: Protocol, results: list[dict[str, Any]]) -> list[str]:
     notes = []
+    if any(r["time_limited"] for r in results):
+        notes.append("some folds were ended by --minutes before their step count: " + ", ".join(r["name"] for r in results if r["time_limited"]))
     if proto.mixed:
         notes.append("--allow-mixed: the bundles differ on " + ", ".join(proto.mixed) + "; the scores are not under one protocol")
     if proto.minutes is not None and proto.iterations is None:
@@ -373,10 +447,36 @@ def _notes(proto: Protocol) -> list[str]:
 
 class _Tracker:
     """The comparison in MLflow: one parent run, a child run per model, the folds' training runs
-    under their model's run (runs are created with the client: nothing is left active)."""
+    under their model's run (runs are created with the client: nothing is left active). Their ids
+    are kept in the report's tracking.json, so a re-run that continues the report continues them."""
 
-    def __init__(self, client, experiment_id: str | None, parent: str | None) -> None:
-        self.client, self.experiment_id, self.parent = client, experiment_id, parent
+    def __init__(self, client, experiment_id: str | None, parent: str | None, saved: Path | None = None) -> None:
+        self.client, self.experiment_id, self.parent, self.saved = client, experiment_id, parent, saved
+        self.models: dict[str, str] = {}
+        self.uri = ""
+
+    def reopen(self, run_id: str | None) -> str | None:
+        """``run_id`` set running again, or None when the store no longer has it."""
+        if self.client is None or not run_id:
+            return None
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        except Exception:
+            return None
+
+    def save(self) -> None:
+        if self.client is not None and self.saved is not None:
+            from medseg.engine.run import write_json
+
+            write_json(self.saved, {"uri": self.uri, "parent": self.parent, "models": self.models})
+
+    def model_run(self, name: str, params: dict[str, Any]) -> str | None:
+        run_id = self.reopen(self.models.get(name)) or self.start(name, params, parent=self.parent, tags={"medseg.compare.model": name})
+        if run_id:
+            self.models[name] = run_id
+            self.save()
+        return run_id
 
     def start(self, name: str, params: dict[str, Any], parent: str | None = None, tags: dict[str, str] | None = None) -> str | None:
         if self.client is None:
@@ -424,14 +524,26 @@ def _tracker(bundle, proto: Protocol, out: Path) -> _Tracker:
 
         from medseg.track import tracking_uri
 
-        client = MlflowClient(tracking_uri=tracking_uri(bundle.tracking))
+        uri = tracking_uri(bundle.tracking)
+        client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(bundle.tracking.experiment)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(bundle.tracking.experiment)
-        tracker = _Tracker(client, exp_id, None)
+        tracker = _Tracker(client, exp_id, None, out / "tracking.json")
+        tracker.uri = uri
+        try:
+            before = json.loads((out / "tracking.json").read_text())
+        except (OSError, ValueError):
+            before = {}
+        if before.get("uri") == uri and tracker.reopen(before.get("parent")):  # a continued comparison: the same runs
+            tracker.parent, tracker.models = before["parent"], dict(before.get("models") or {})
+            return tracker
         flat = {k: v for k, v in proto.as_dict().items() if k not in ("mixed", "bundles")}
-        tracker.parent = tracker.start(f"compare-{out.resolve().name}-{time.strftime('%Y%m%d-%H%M')}",
+        folder = out.resolve().name
+        name = folder if folder.startswith("compare") else f"compare-{folder}"
+        tracker.parent = tracker.start(f"{name}-{time.strftime('%Y%m%d-%H%M')}",
                                        {**flat, "bundles": list(proto.as_dict()["bundles"]), "report": str(out.resolve())},
                                        tags={"medseg.compare": str(out.resolve())})
+        tracker.save()
         return tracker
     except Exception as e:  # an unreachable server, a read-only folder, a bad URI
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -556,6 +556,8 @@ def segment_file(predictor: Predictor, input_path: Path, output: Path | None = N
                    "largest_component": [seg.names[v] for v in predictor.largest_component if v in seg.names]}
         if len(predictor.runs) > 1:  # a fold ensemble: the mean of these runs' probabilities
             sidecar["ensemble"] = [str(r.path.resolve()) for r in predictor.runs]
+            sidecar.update(run=sidecar["ensemble"], run_name=[r.name for r in predictor.runs],
+                           run_status=[r.status for r in predictor.runs])
         if dicom.get("series_uid") or series:
             sidecar["dicom_series_uid"] = dicom.get("series_uid") or series
         _write_outputs(seg, img, paths, wanted, sidecar, predictor.bundle.data.hu_window, force)
