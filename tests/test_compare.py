@@ -169,6 +169,13 @@ def test_a_rerun_reuses_the_runs_and_another_protocol_is_refused(report, cli, mo
     image = next(Path(json.loads((rep / "compare.json").read_text())["models"][0]["folds"][0]["cases"][0]["image"]).parent.glob("*.nii.gz"))
     result = cli("infer", image, "--run", rep / "runs" / "tiny_fcn", "-o", folder / "ens_seg.nii.gz")
     assert result.exit_code == 0 and "ensemble of 2 runs" in result.output, result.output
+    # a run in the folder that was trained otherwise is not silently reused
+    saved = rep / "runs" / "tiny_fcn" / "fold0" / "bundle.json"
+    bundle = json.loads(saved.read_text())
+    bundle["train"]["lr"] = 0.5
+    saved.write_text(json.dumps(bundle))
+    result = cli("compare", *bundles, "--folds", "2", "--iterations", "8", "-o", "rep", "--progress", "off", "--tracking", "none")
+    assert result.exit_code == 2 and "was trained with train.lr = 0.5" in " ".join(result.output.split())
 
 
 def test_bundles_that_disagree_on_the_protocol_are_refused(tmp_path, cli, monkeypatch):

@@ -331,6 +331,7 @@ def _train(bundle, run_dir: Path, dev, progress: str, console: Console, tags: di
         if run.status == "running" or run.locked_by_other():
             raise MedsegError(f"{run_dir} is being trained by another process (pid {run.info.get('pid')}); is another "
                               "medseg compare writing this report?")
+        _check_same_bundle(run, bundle)
         if run.status == "complete":
             _say(console, f"  {run_dir} is complete: reused")
             return run
@@ -348,6 +349,20 @@ def _train(bundle, run_dir: Path, dev, progress: str, console: Console, tags: di
         if stop is not None:
             stop.armed = False  # outside training a signal interrupts at once (outputs are written atomically)
     return Run.open(run_dir)
+
+
+def _check_same_bundle(run, bundle) -> None:
+    """A run found in the report folder is reused or resumed only if it was trained from this very
+    bundle (tracking aside): otherwise the report would mix protocols without saying so."""
+    from medseg.config import flatten
+    from medseg.engine.train import resolve_paths
+
+    old, new = flatten(run.bundle.to_dict()), flatten(resolve_paths(bundle).to_dict())
+    differ = sorted(k for k in set(old) | set(new) if not k.startswith("tracking.") and old.get(k) != new.get(k))
+    if differ:
+        k = differ[0]
+        raise MedsegError(f"{run.path} was trained with {k} = {old.get(k)!r}, this comparison asks for {new.get(k)!r}; "
+                          "choose another -o (or remove that run)")
 
 
 def _predict(run, cases, folder: Path, dev, gt_lut, fold: int | None) -> dict[str, Any]:
