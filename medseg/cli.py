@@ -46,11 +46,16 @@ def train(
                                              "(data.fold); its validation cases are part k.")] = None,
     folds: FoldsOpt = None,
     split: SplitOpt = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, metavar="N", help="Train with N processes on this machine "
+                                              "(torchrun + DistributedDataParallel: one per GPU, or gloo on the CPU); each trains on "
+                                              "its own share of the cases. For several machines run torchrun yourself (README).")] = None,
 ) -> None:
     """Train a model from a bundle; with no data named, on the built-in synthetic CT phantom.
 
     Ctrl-C or SIGTERM (a scheduler's time limit) stops after the current step, writes a checkpoint
     and exits 130/143; `medseg train --resume --run-dir DIR` continues exactly where it stopped."""
+    import os
+
     from medseg.cli_common import check_choice
     from medseg.config import load_bundle
 
@@ -76,6 +81,16 @@ def train(
         if bundle is None:
             raise MedsegError("name a bundle, e.g. medseg train bundles/swin_unetr.json")
         cfg = load_bundle(bundle, overrides)
+    if nproc is not None and nproc > 1:  # the bundle and options are checked; torchrun starts the ranks, each runs this command
+        from medseg.engine.distributed import launch_torchrun
+
+        args = ["train", *([str(bundle)] if bundle is not None else []), *[a for o in (set_ or []) for a in ("--set", o)],
+                *(["--run-dir", str(run_dir)] if run_dir is not None else []), "--runs-root", str(runs_root), "--device", device,
+                "--tracking", tracking, "--progress", "off" if no_progress else progress, *(["--resume"] if resume else []),
+                *(["--fold", str(fold)] if fold is not None else []), *(["--folds", str(folds)] if folds is not None else []),
+                *(["--split", str(split)] if split is not None else [])]
+        raise typer.Exit(launch_torchrun(nproc, args))
+    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the training
 
     import signal
 
@@ -88,18 +103,23 @@ def train(
         result = run_training(cfg, run_dir=run_dir, runs_root=runs_root, device=device, resume=resume,
                               console=err, progress="off" if no_progress else progress, stop=stop)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]" + ("" if stop.armed else " before training started; no run was written or changed"))
+        if speaks:
+            err.print("[yellow]interrupted[/yellow]" + ("" if stop.armed else " before training started; no run was written or changed"))
         raise typer.Exit(143 if stop.signal == signal.SIGTERM else 130) from None
     except Stopped as e:
-        err.print(f"[yellow]stopped[/yellow] in epoch {e.epoch} after iteration {e.iteration}; checkpoint written. Continue with:\n"
-                  f"  medseg train --resume --run-dir {e.run_dir}", highlight=False, soft_wrap=True)
+        if speaks:
+            err.print(f"[yellow]stopped[/yellow] in epoch {e.epoch} after iteration {e.iteration}; checkpoint written. Continue with:\n"
+                      f"  medseg train --resume --run-dir {e.run_dir}" + (f" --nproc {os.environ['WORLD_SIZE']}" if "WORLD_SIZE" in os.environ
+                                                                           else ""), highlight=False, soft_wrap=True)
         raise typer.Exit(143 if e.signum == signal.SIGTERM else 130) from None
-    _print_result(result)
+    if speaks:
+        _print_result(result)
 
 
 def _stop_on_signals(stop) -> None:
     """SIGTERM (a `kill`, a scheduler's time limit) and the first Ctrl-C ask training to stop at the next
     step and checkpoint; a second Ctrl-C interrupts at once."""
+    import os
     import signal
 
     def handler(signum, frame):
@@ -107,7 +127,8 @@ def _stop_on_signals(stop) -> None:
             stop.signal = stop.signal or signum
             raise KeyboardInterrupt
         stop.request(signum)
-        err.print("[yellow]stopping after this step (Ctrl-C again to abort without a checkpoint)[/yellow]")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            err.print("[yellow]stopping after this step (Ctrl-C again to abort without a checkpoint)[/yellow]")
 
     try:
         signal.signal(signal.SIGTERM, handler)

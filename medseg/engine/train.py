@@ -26,7 +26,8 @@ from rich.markup import escape
 
 from medseg.config import Bundle, bundle_from_dict, flatten, parse_checkpoint_every
 from medseg.engine.components import LOSS_NAMES, OPTIMIZER_NAMES, make_loss, make_optimizer, set_lr
-from medseg.engine.device import amp_mode, autocast, grad_scaler, resolve_device
+from medseg.engine.device import amp_mode, autocast, grad_scaler
+from medseg.engine.distributed import Dist, shard
 from medseg.engine.hooks import test_hook
 from medseg.engine.progress import TrainProgress
 from medseg.engine.run import Run, build_model
@@ -128,15 +129,30 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     ``resume=True`` continues the run in ``run_dir`` from its checkpoint (or from the start if it was
     killed before its first one) up to ``bundle.train.epochs``. ``progress``: "auto" (rich bars on a
     terminal, plain lines otherwise), "rich", "plain" or "off". ``tracking_tags``: added to a new MLflow
-    run's tags (``medseg compare`` files each fold under its model's run with ``mlflow.parentRunId``)."""
+    run's tags (``medseg compare`` files each fold under its model's run with ``mlflow.parentRunId``).
+
+    Under torchrun (``WORLD_SIZE`` > 1) this is one rank of a DistributedDataParallel training: each
+    rank trains on its own shard of the training cases (``train.batch_size`` per rank) and validates
+    its shard of the validation cases, the scores summed over ranks; rank 0 alone writes the run and
+    MLflow. Every rank returns the same :class:`TrainResult`."""
+    dist, dev = Dist.from_env(device)
+    try:
+        return _train(bundle, dist, dev, run_dir=run_dir, runs_root=runs_root, resume=resume, console=console,
+                      show_progress=show_progress, progress=progress, stop=stop, tracking_tags=tracking_tags)
+    finally:
+        dist.close()
+
+
+def _train(bundle: Bundle, dist: Dist, dev: torch.device, *, run_dir, runs_root, resume: bool, console: Console | None,
+           show_progress: bool, progress: str, stop: StopFlag | None, tracking_tags: dict[str, str] | None) -> TrainResult:
     from monai.utils import set_determinism
 
     from medseg.data.datasets import prepare
     from medseg.models import check_before_data, check_window
-    from medseg.track import make_tracker
+    from medseg.track import NullTracker, make_tracker
 
-    console = console or Console(stderr=True)
-    dev = resolve_device(device)
+    # ranks other than 0 say nothing (rank 0 speaks for the training) and write nothing
+    console = (console or Console(stderr=True)) if dist.is_main else Console(stderr=True, quiet=True)
     bundle = resolve_paths(bundle)
     t = bundle.train
 
@@ -177,14 +193,18 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     spec = check_before_data(bundle.model.name, bundle.model.args, t.head_lr_scale, t.roi, bundle.infer_roi)
     if not planned:  # and what only building the network shows (MONAI's own checks)
         model = build_model(bundle)
-    mode = progress if show_progress else "off"
+    mode = progress if show_progress and dist.is_main else "off"
 
     def data_progress(stage: str, i: int, n: int) -> None:
         if mode != "off" and i == n:
             what = {"phantom": "phantom: {n} cases ready", "check": "checked {n} cases", "fingerprint": "fingerprinted {n} cases"}[stage]
             console.print(f"[dim]{what.format(n=n)}[/dim]")
 
-    found, lut, train_cases, val_cases, data_notes = prepare(bundle.data, bundle.data.labels, data_progress)
+    # rank 0 first: it writes the phantom cache the others then read, and its data error stops them all
+    found, lut, train_cases, val_cases, data_notes = dist.main_first(prepare, bundle.data, bundle.data.labels, data_progress)
+    if dist.enabled and len(train_cases) < dist.world:
+        raise MedsegError(f"{len(train_cases)} training case(s) cannot be shared by {dist.world} processes (each trains on its own "
+                          "cases): use fewer processes")
     plan = None
     if planned:
         # K folds are planned on every case, as nnU-Net does, so that the folds share one preprocessing and can be ensembled
@@ -203,24 +223,44 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     saved_uri = run.info.get("tracking_uri") if run is not None else None
     if saved_uri and bundle.tracking.backend != "none":
         _check_store_exists(saved_uri)
-    tracker = make_tracker(bundle.tracking, uri=saved_uri)
+    tracker = make_tracker(bundle.tracking, uri=saved_uri) if dist.is_main else NullTracker()
 
     # --- the run directory (locked from here on) ---------------------------------------------------
     amp = amp_mode(t.amp, dev)
     extra = {"device": str(dev), "amp": amp, "torch_version": torch.__version__,
              "train_cases": [c.name for c in train_cases], "val_cases": [c.name for c in val_cases],
              "parameters": sum(p.numel() for p in model.parameters())}
+    if dist.enabled:
+        extra["distributed"] = {"world_size": dist.world, "backend": dist.backend, "batch_size_per_rank": t.batch_size,
+                                "train_shards": [[c.name for c in shard(train_cases, r, dist.world)] for r in range(dist.world)],
+                                "val_shards": [[c.name for c in shard(val_cases, r, dist.world)] for r in range(dist.world)]}
     fresh = run is None
-    if fresh:
+
+    def open_run() -> Run:
+        if not fresh:
+            run.acquire()
+            return run
         prefix = f"{spec.display}-{OPTIMIZER_NAMES[t.optimizer]}-{LOSS_NAMES[t.loss]}"
-        run = Run.create(prefix, run_dir=run_dir, runs_root=runs_root, model=bundle.model.name,
-                         tracked_names=tracker.run_names(), extra=extra)
+        return Run.create(prefix, run_dir=run_dir, runs_root=runs_root, model=bundle.model.name,
+                          tracked_names=tracker.run_names(), extra=extra)
+
+    if dist.is_main:  # rank 0 owns the directory; the other ranks learn where it is (or rank 0's error)
+        try:
+            run = open_run()
+        except MedsegError as e:
+            dist.broadcast(("error", str(e)))
+            raise
+        dist.broadcast(("ok", str(run.path)))
     else:
-        run.acquire()
+        status, value = dist.broadcast(None)
+        if status == "error":
+            raise MedsegError(value)
+        run = _Follower(Path(value))  # type: ignore[assignment]
     try:
         # What can still fail (the checkpoint, the tracking store) fails before a file of the run changes.
         try:
-            session = _Session(bundle, run, model, dev, amp, lut, train_cases, val_cases, console, mode, stop or StopFlag(), tracker)
+            session = _Session(bundle, run, model, dev, amp, lut, train_cases, val_cases, console, mode, stop or StopFlag(), tracker,
+                               dist)
             rng = session.restore(ckpt) if ckpt is not None else None
             if fresh:
                 run.write_description(bundle, splits, model_summary(model), plan=plan.as_dict() if plan else None)
@@ -301,32 +341,77 @@ def _cycle(loader):
         yield from loader
 
 
+class _Follower:
+    """What a rank other than 0 holds of the run: where it is. Writing the run is rank 0's."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.name, self.info = path, path.name, {}
+
+    def heartbeat(self, force: bool = False) -> None: ...
+    def save_checkpoint(self, state: dict) -> None: ...
+    def save_best(self, model_state: dict) -> None: ...
+    def write_metrics(self, history) -> None: ...
+    def save_info(self, **changes) -> None: ...
+    def mark_running(self) -> None: ...
+    def write_description(self, *args, **kwargs) -> None: ...
+    def discard(self) -> None: ...
+    def release(self) -> None: ...
+
+
+class TrainForward(torch.nn.Module):
+    """Network and loss as one module, ``(image, label) -> loss``: what DistributedDataParallel wraps,
+    so that a model scoring what it trains on (``training_loss``: the tri-planar FCN's slices per axis)
+    also goes through DDP's forward and has its gradients averaged over ranks."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.model, "training_loss"):
+            return self.model.training_loss(x, y, self.loss_fn)
+        return self.loss_fn(self.model(x), y)
+
+
 class _Session:
     """One training process's state: built once, then :meth:`fit` runs the epochs."""
 
-    def __init__(self, bundle: Bundle, run: Run, model, dev, amp: str, lut, train_cases, val_cases, console, mode, stop, tracker):
+    def __init__(self, bundle: Bundle, run: Run, model, dev, amp: str, lut, train_cases, val_cases, console, mode, stop, tracker,
+                 dist: Dist | None = None):
         from monai.data import CacheDataset, DataLoader, Dataset
 
         from medseg.data.transforms import train_transforms, val_transforms
         from medseg.models import param_groups
 
         self.bundle, self.run, self.dev, self.amp, self.console, self.stop, self.tracker = bundle, run, dev, amp, console, stop, tracker
+        self.dist = dist = dist or Dist()
         t = self.t = bundle.train
         self.model = model.to(dev)
         self.optimizer = make_optimizer(t, param_groups(self.bundle.model.name, self.model, t.head_lr_scale))
         self.scaler = grad_scaler(amp)
         self.autocast = autocast(amp, dev)
         self.loss_fn = make_loss(t.loss)
+        self.net: torch.nn.Module = TrainForward(self.model, self.loss_fn)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # static_graph: every step uses the same parameters, and some never (MONAI's ViT leaves a few unused)
+            self.net = DistributedDataParallel(self.net, device_ids=[dev.index] if dev.type == "cuda" else None, static_graph=True)
         ds_cls = CacheDataset if bundle.data.cache else Dataset
         kw = {"cache_rate": 1.0, "num_workers": None, "progress": False} if bundle.data.cache else {}
-        self.train_ds = ds_cls([c.as_dict() for c in train_cases], train_transforms(bundle, lut), **kw)
-        self.val_ds = ds_cls([c.as_dict() for c in val_cases], val_transforms(bundle, lut), **kw)
+        # each rank its own shard (all of them with one process)
+        mine, my_val = shard(train_cases, dist.rank, dist.world), shard(val_cases, dist.rank, dist.world)
+        self.train_ds = ds_cls([c.as_dict() for c in mine], train_transforms(bundle, lut), **kw)
+        self.val_ds = ds_cls([c.as_dict() for c in my_val], val_transforms(bundle, lut), **kw)
         self.generator = torch.Generator()
         self.loader = DataLoader(self.train_ds, batch_size=t.batch_size, shuffle=True, num_workers=bundle.data.num_workers,
                                  generator=self.generator, pin_memory=dev.type == "cuda")
-        self.iters = t.iterations_per_epoch_for(len(self.loader))
+        # every rank takes the same number of steps (DDP averages gradients at each): the largest shard's batches
+        self.iters = t.iterations_per_epoch_for(-(-len(shard(train_cases, 0, dist.world)) // t.batch_size))
+        self.seen: set[str] = set()  # the training cases this process's loader gave (run.json's distributed.seen)
+        self.time_up = False  # train.max_minutes spent, as the ranks agreed
         self.mode = mode
-        self.n_val = len(val_cases)
+        self.n_val = len(self.val_ds)  # this rank's
         # position and history
         self.epoch_done, self.iteration, self.step = 0, 0, 0
         self.epoch_losses: list[float] = []
@@ -342,13 +427,18 @@ class _Session:
 
     # -- checkpoint -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "schedule": self.schedule,
-                "epoch": self.epoch_done, "iteration": self.iteration, "step": self.step, "iterations_per_epoch": self.iters,
-                "epoch_losses": list(self.epoch_losses), "epoch_seconds": self.epoch_seconds,
-                "best_dice": self.best, "best_epoch": self.best_epoch, "history": self.history, "rng": capture_rng(), "amp": self.amp}
+        rngs = self.dist.gather(capture_rng())  # every rank's, so that each continues its own stream on resume
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, "schedule": self.schedule,
+                 "epoch": self.epoch_done, "iteration": self.iteration, "step": self.step, "iterations_per_epoch": self.iters,
+                 "epoch_losses": list(self.epoch_losses), "epoch_seconds": self.epoch_seconds,
+                 "best_dice": self.best, "best_epoch": self.best_epoch, "history": self.history, "rng": rngs[0], "amp": self.amp}
+        if self.dist.enabled:
+            state.update(world_size=self.dist.world, rng_ranks=rngs)
+        return state
 
     def checkpoint(self) -> None:
+        """On every rank at the same step (the gather of RNG states is collective); rank 0 writes."""
         self.run.save_checkpoint(self.state())
         self.run.heartbeat(force=True)
 
@@ -363,12 +453,19 @@ class _Session:
         self.best, self.best_epoch = ckpt["best_dice"], ckpt["best_epoch"]
         self.history = [dict(row) for row in ckpt["history"]]
         self.n_epochs = self.count_epochs()
+        rng = ckpt["rng"]
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world == self.dist.world:
+            rng = ckpt.get("rng_ranks", [rng])[self.dist.rank]
+        else:
+            self.notes.append(f"the checkpoint was written by {saved_world} process(es), this training has {self.dist.world}: "
+                              "the cases are shared out anew, so it continues validly but not bit-identically")
         self.schedule, note = continue_schedule(ckpt["schedule"], self.step, self.t.scheduler, self.t.lr, self.step_total())
         # the fresh run's warm-up note does not describe a resumed schedule; continue_schedule's note does
         self.notes = [n for n in self.notes if not n.startswith("train.warmup ")]
         if note:
             self.notes.append(note)
-        return ckpt["rng"]
+        return rng
 
     def epoch_length(self) -> int:
         """Steps in the current epoch: a full one, or what is left of ``train.iterations`` counted from
@@ -396,13 +493,14 @@ class _Session:
         return sum(row.get("epoch_seconds", 0.0) for row in self.history) + self.epoch_seconds
 
     def time_spent(self) -> bool:
-        return self.t.max_minutes is not None and self.train_seconds() >= 60 * self.t.max_minutes
+        """``train.max_minutes`` spent (on this rank's clock; ranks agree through :meth:`Dist.any`)."""
+        return self.time_up or self.t.max_minutes is not None and self.train_seconds() >= 60 * self.t.max_minutes
 
     # -- the data stream ----------------------------------------------------------------------------
     def batches(self, epoch: int, skip: int):
         """Epoch ``epoch``'s batches, seeded from (seed, epoch) alone; the first ``skip`` are drawn and
         dropped, so a resume mid-epoch continues with the batch an uninterrupted run would see."""
-        seed = epoch_seed(self.t.seed, epoch)
+        seed = (epoch_seed(self.t.seed, epoch) + 104_729 * self.dist.rank) % 2**31  # each rank its own augmentations
         self.generator.manual_seed(seed)
         self.train_ds.transform.set_random_state(seed=seed)
         stream = _cycle(self.loader)
@@ -426,13 +524,13 @@ class _Session:
                 for epoch in range(self.epoch_done + 1, self.n_epochs + 1):
                     self.train_iterations(epoch, rng, policy, bar)
                     rng = None
-                    time_up = self.time_spent()
+                    time_up = self.time_up = self.dist.any(self.time_spent())[0]
                     if time_up:  # train.max_minutes: this is the last epoch (validated and checkpointed as such)
                         self.n_epochs = epoch
                     row = self.finish_epoch(epoch, bar)
                     self.epoch_done, self.iteration, self.epoch_losses, self.epoch_seconds = epoch, 0, [], 0.0
                     self.history.append(row)
-                    if policy.due(self.step, epoch_end=True) or epoch == self.n_epochs:
+                    if self.dist.any(policy.due(self.step, epoch_end=True) or epoch == self.n_epochs)[0]:
                         self.checkpoint()
                         policy.written(self.step)
                     test_hook("epoch_end")
@@ -456,6 +554,9 @@ class _Session:
         self.tracker.log_artifact(self.run.path / "metrics.csv")
         if (self.run.path / "model_best.pt").is_file():
             self.tracker.log_artifact(self.run.path / "model_best.pt")
+        if self.dist.enabled:  # the training cases each rank's loader actually gave, since this process started
+            seen = self.dist.gather(sorted(self.seen))
+            self.run.save_info(distributed={**self.run.info.get("distributed", {}), "seen_train": seen})
         self.run.save_info(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), epochs=self.n_epochs, steps=self.step,
                            best_dice=self.best, best_epoch=self.best_epoch, train_seconds=round(self.train_seconds(), 2),
                            time_limited=self.time_spent())
@@ -476,6 +577,7 @@ class _Session:
         t0 = time.time() - self.epoch_seconds
         while self.iteration < n:
             batch = next(batches)
+            self.seen.update(batch["name"])
             loss = self.train_step(batch)
             self.iteration += 1
             self.step += 1
@@ -484,11 +586,15 @@ class _Session:
             bar.advance_train(epoch, self.iteration, loss)
             self.run.heartbeat()
             test_hook(f"step:{self.step}")
-            if self.stop.requested:
+            # decided by all ranks together (a signal, a clock or a timed checkpoint may come to one rank first)
+            stop, time_up, due = self.dist.any(self.stop.requested, self.time_spent(),
+                                               self.iteration < n and policy.due(self.step, epoch_end=False))
+            if stop:
                 raise _StopNow
-            if self.time_spent():
+            if time_up:
+                self.time_up = True
                 break  # train.max_minutes: this epoch ends here (validated and checkpointed as usual)
-            if self.iteration < n and policy.due(self.step, epoch_end=False):
+            if due:
                 self.checkpoint()
                 policy.written(self.step)
 
@@ -497,12 +603,10 @@ class _Session:
         set_lr(self.optimizer, lr_at(self.schedule, self.step))
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            if hasattr(self.model, "training_loss"):  # the model scores what it trains on (fcn_triplanar: slices per axis)
-                loss = self.model.training_loss(x, y, self.loss_fn)
-            else:
-                loss = self.loss_fn(self.model(x), y)
-        if not torch.isfinite(loss):
-            raise MedsegError(f"the loss became {loss.item()} at step {self.step + 1} (lower train.lr, or check the data)")
+            loss = self.net(x, y)  # TrainForward, in DDP with several ranks
+        value = self.dist.mean(loss.detach().item())  # the mean over ranks: all of them see a NaN on one, and stop together
+        if not math.isfinite(value):
+            raise MedsegError(f"the loss became {value} at step {self.step + 1} (lower train.lr, or check the data)")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             if self.t.grad_clip is not None:
@@ -515,7 +619,7 @@ class _Session:
             if self.t.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
             self.optimizer.step()
-        return loss.item()
+        return value
 
     def finish_epoch(self, epoch: int, bar: TrainProgress) -> dict[str, Any]:
         from medseg.engine.validate import validate
@@ -530,10 +634,13 @@ class _Session:
 
             def on_case(i: int, n: int | None = None) -> None:
                 bar.advance_val(i, n)
-                self.check_stop()
+                if self.dist.enabled:  # ranks validate their shards at their own pace: a stop waits for the next step
+                    self.run.heartbeat()
+                else:
+                    self.check_stop()
 
             result = validate(self.model, self.val_ds, self.bundle, self.dev, self.autocast, on_case=on_case,
-                              on_window=lambda i, n: self.check_stop())
+                              on_window=None if self.dist.enabled else (lambda i, n: self.check_stop()), reduce=self.dist.sum_array)
             row.update({"val_mean_dice": result["mean_dice"], "val_mean_iou": result["mean_iou"]})
             row.update({f"val_dice_{k}": v for k, v in result["dice"].items()})
             score = result["mean_dice"] if math.isfinite(result["mean_dice"]) else float("-inf")

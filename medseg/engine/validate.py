@@ -55,12 +55,15 @@ def _cases(items) -> Iterable[dict]:
 @torch.no_grad()
 def validate(model: torch.nn.Module, items, bundle: Bundle, device: torch.device, autocast: Callable = contextlib.nullcontext,
              on_case: Callable[[int, int | None], None] | None = None,
-             on_window: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             on_window: Callable[[int, int], None] | None = None,
+             reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
     """Returns ``{"mean_dice", "mean_iou", "dice": {class: value}, "iou": {class: value}}`` over the
     foreground classes. ``items``: dicts with "image" and "label" tensors (1, X, Y, Z) on the model
     grid, as ``val_transforms`` makes them (a Dataset, iterated directly). A class absent from a
     case's ground truth does not count for that case; a class absent from every case is NaN and left
-    out of the means. ``on_case(i, n)`` / ``on_window(i, n)`` may raise to stop validation."""
+    out of the means. ``on_case(i, n)`` / ``on_window(i, n)`` may raise to stop validation.
+    ``reduce``: sums an array over processes (each validated its own cases; distributed training),
+    applied to the per-class score sums and case counts before the means."""
     n_classes = len(bundle.data.labels) + 1
     spec = WindowSpec.from_bundle(bundle, method="stream")
     predict = network_fn(model, autocast)
@@ -80,6 +83,9 @@ def validate(model: torch.nn.Module, items, bundle: Bundle, device: torch.device
         counted += present
         if on_case is not None:
             on_case(i + 1, n)
+    if reduce is not None:
+        summed = reduce(np.stack([total["dice"], total["iou"], counted]))
+        total["dice"], total["iou"], counted = summed[0], summed[1], summed[2]
     with np.errstate(divide="ignore", invalid="ignore"):
         per_dice = np.where(counted > 0, total["dice"] / counted, np.nan)
         per_iou = np.where(counted > 0, total["iou"] / counted, np.nan)
