@@ -181,57 +181,133 @@ def infer(
                                           help="Back to the scan's grid: linear (probabilities, then argmax), nearest (labels; least "
                                           "memory) or auto (linear unless its buffer would be large).")] = "auto",
     series: Annotated[str | None, typer.Option("--series", metavar="UID", help="DICOM series to read from a folder holding several.")] = None,
+    output_type: Annotated[str, typer.Option("--output-type", metavar="nifti|dicom-seg",
+                                             help="nifti (a label map) or dicom-seg (DICOM folder inputs: a DICOM Segmentation "
+                                             "referencing the series, X_seg.dcm, instead of the NIfTI).")] = "nifti",
     force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite existing outputs (never the input).")] = False,
     no_postprocess: Annotated[bool, typer.Option("--no-postprocess", metavar="",
                                                  help="Skip postprocess.largest_component (the raw argmax).")] = False,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, metavar="N", help="A folder input: N worker processes on this machine "
+                                              "(one per GPU if there are GPUs), each a share of the cases.")] = None,
+    part: Annotated[str | None, typer.Option("--part", metavar="i/n", help="A folder input: segment only worker i's share of n "
+                                             "(0 <= i < n), e.g. a SLURM array task's; under torchrun: RANK/WORLD_SIZE.")] = None,
 ) -> None:
     """Segment a CT scan (or a folder of scans); the label map keeps the scan's own geometry.
 
-    In a folder, a scan that cannot be segmented is reported and skipped; the exit status is then 1."""
+    A folder (a cohort) is resumable: a case whose outputs are complete for this run and these
+    settings is skipped, so a re-run after a kill does what is left; with -o, OUT/summary.csv and
+    .json list every case (done, failed, pending; seconds; organ volumes). A case that cannot be
+    segmented is reported and skipped; the exit status is then 1."""
+    import os
+
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from medseg.cli_common import check_choice, path_arg
-    from medseg.engine.infer import Predictor, check_outputs, plan_inputs, segment_file, wanted_outputs
+    from medseg.engine import cohort as co
+    from medseg.engine.hooks import test_hook
+    from medseg.engine.infer import (
+        Predictor,
+        batch_name,
+        check_output_type,
+        check_outputs,
+        output_paths,
+        plan_inputs,
+        segment_file,
+        wanted_outputs,
+    )
 
     input_path, output = path_arg(input_arg, "INPUT"), path_arg(output_arg, "-o")
 
     check_choice("--checkpoint", checkpoint, ("best", "last"))
     check_choice("--window", window, ("auto", "monai", "stream"))
     check_choice("--resample", resample, ("auto", "linear", "nearest"))
+    share = co.parse_part(part) if part is not None else co.torchrun_part()
     plan = plan_inputs(input_path, output)
-    check_outputs(plan, wanted_outputs(save_probabilities, preview), force)  # before any work, not after the first case
-    made_folder = plan.batch and output is not None and not output.exists()
+    check_output_type(plan.cases, output_type)
+    wanted = wanted_outputs(save_probabilities, preview, output_type)
+    if (nproc or 1) > 1 or share is not None:
+        if not plan.batch or output is None:
+            raise MedsegError("--nproc, --part and torchrun share out the scans of a folder: give a folder input and an output folder (-o)")
+    # before any work: no output is an input; for one scan, no output exists (a cohort decides case by case)
+    check_outputs(plan, wanted, force or plan.batch)
+    if (nproc or 1) > 1:
+        args = [str(input_path), "-o", str(output), *[a for r in (run or []) for a in ("--run", str(r))], "--checkpoint", checkpoint,
+                "--device", device, "--window", window, "--resample", resample, "--output-type", output_type,
+                *(["--overlap", str(overlap)] if overlap is not None else []),
+                *(["--sw-batch-size", str(sw_batch_size)] if sw_batch_size is not None else []),
+                *[a for c in (classes or []) for a in ("--classes", c)], *(["--series", series] if series else []),
+                *[flag for flag, on in (("--tta", tta), ("--save-probabilities", save_probabilities), ("--preview", preview),
+                                        ("--force", force), ("--no-postprocess", no_postprocess)) if on]]
+        code = co.launch_workers(nproc, args, device)
+        counts = co.read_summary(output)
+        done = sum(r["status"] == "done" for r in counts.values())
+        failed = [n for n, r in counts.items() if r["status"] == "failed"]
+        out.print(escape(f"{done} of {len(plan.cases)} scans done" + (f"; failed: {', '.join(failed)}" if failed else "")
+                         + f" (summary: {output / co.SUMMARY[1]})"), soft_wrap=True, highlight=False)
+        raise typer.Exit(code if code in (130, 143) else 1 if code or failed or done < len(plan.cases) else 0)
+    if share is not None and device in ("auto", "cuda") and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():  # under torchrun: this rank's GPU
+            device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    mine = co.my_cases(plan.cases, share)
     predictor = Predictor(run, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, method=window,
                           checkpoint=checkpoint, resample=resample, postprocess=not no_postprocess)
     predictor.class_subset(classes)  # an unknown name fails before the first case
+    settings = co.settings_of(predictor, classes, output_type)
     names = ", ".join(list(predictor.names.values())[1:])
     if len(predictor.runs) > 1:
         err.print(f"ensemble of {len(predictor.runs)} runs: {', '.join(r.name for r in predictor.runs)} ({names})", soft_wrap=True, highlight=False)
     else:
         err.print(f"using run {predictor.run_dir} ({predictor.bundle.model.name}; {names})", soft_wrap=True, highlight=False)
+    if share is not None:
+        err.print(f"worker {share[0]} of {share[1]}: {len(mine)} of the {len(plan.cases)} scans", highlight=False)
     for note in predictor.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True, highlight=False)
     for r in predictor.runs:
         if r.status != "complete":
             err.print(f"[yellow]note:[/yellow] run {r.name} is {r.status}, not complete; using its {checkpoint} checkpoint",
                       soft_wrap=True, highlight=False)
+    worker = f"{share[0]}/{share[1]}" if share is not None else "0/1"
+    summary = plan.batch and output is not None
     failed: list[str] = []
+    skipped = segmenting = 0
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err) as bar:
-        cases = bar.add_task("cases", total=len(plan.cases), visible=plan.batch)
-        for path, target in plan.cases:
+        cases = bar.add_task("cases", total=len(mine), visible=plan.batch)
+        for path, target in mine:
+            status = co.CaseStatus(batch_name(path), str(path), "", worker=worker)
+            paths = output_paths(path, target)
+            status.output = str(paths["dicom_seg" if output_type == "dicom-seg" else "labels"])
+            earlier = co.complete_output(path, paths, wanted, settings) if plan.batch and not force else None
+            if earlier is not None:  # done by an earlier or another worker: nothing to redo
+                skipped += 1
+                status.status, status.seconds, status.volume_ml = "done", earlier.get("seconds"), earlier.get("volume_ml", {})
+                status.finished = earlier.get("finished", "")
+                out.print(escape(f"{path.name}: done earlier ({status.output})"), soft_wrap=True, highlight=False)
+                bar.advance(cases)
+                if summary:
+                    co.update_summary(output, plan.cases, [status], batch_name)
+                continue
+            segmenting += 1
+            test_hook(f"case:{segmenting}")
             windows = bar.add_task(escape(path.name), total=None)
             try:
                 result = segment_file(predictor, path, target, force=force, save_probabilities=save_probabilities, preview=preview,
-                                      classes=classes, series=series,
+                                      classes=classes, series=series, output_type=output_type,
                                       on_window=lambda i, n, t=windows: bar.update(t, completed=i, total=n))
             except MedsegError as e:
                 if not plan.batch:
                     raise
                 message = str(e) if str(path) in str(e) else f"{path}: {e}"
+                if "pass --force" in message:
+                    message += " (it is not a complete output of this run and these settings)"
                 err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
                 failed.append(path.name)
+                status.status, status.error, status.finished = "failed", message, co.now()
+                if summary:
+                    co.update_summary(output, plan.cases, [status], batch_name)
                 continue
             finally:
                 bar.remove_task(windows)
@@ -239,15 +315,22 @@ def infer(
             for note in result["notes"]:
                 err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True, highlight=False)
             seg = result["segmentation"]
+            status.status, status.seconds, status.volume_ml, status.finished = "done", round(seg.seconds, 2), seg.volume_ml, co.now()
+            if summary:
+                co.update_summary(output, plan.cases, [status], batch_name)
             volumes = ", ".join(f"{k} {v:.0f} ml" for k, v in seg.volume_ml.items())
-            line = f"{path.name} -> {result['paths']['labels']}  ({seg.method} window, {seg.resample}, {seg.seconds:.1f} s)  {volumes}"
+            written = result["paths"].get("labels") or result["paths"]["dicom_seg"]
+            line = f"{path.name} -> {written}  ({seg.method} window, {seg.resample}, {seg.seconds:.1f} s)  {volumes}"
             out.print(escape(line), soft_wrap=True, highlight=False)
     if plan.batch:
-        if made_folder and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()  # every case failed: leave no empty folder behind
-        done = len(plan.cases) - len(failed)
-        summary = f"{done} of {len(plan.cases)} scans segmented" + (f"; failed: {', '.join(failed)}" if failed else "")
-        out.print(escape(summary), soft_wrap=True, highlight=False)
+        done = len(mine) - len(failed) - skipped
+        line = (f"{done} of {len(mine)} scans segmented" + (f", {skipped} done earlier" if skipped else "")
+                + (f"; failed: {', '.join(failed)}" if failed else ""))
+        if summary:
+            total = co.read_summary(output)
+            left = sum(r["status"] == "pending" for r in total.values())
+            line += f" (summary: {output / co.SUMMARY[1]}" + (f"; {left} pending in other workers' shares" if left else "") + ")"
+        out.print(escape(line), soft_wrap=True, highlight=False)
         if failed:
             raise typer.Exit(1)
 

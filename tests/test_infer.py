@@ -454,7 +454,7 @@ def test_dataset_folders_segment_images_only(threshold_run, tmp_path, cli):
 
     result = cli("infer", pair, "-o", tmp_path / "pred", "--run", threshold_run)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case7_seg.json", "case7_seg.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case7_seg.json", "case7_seg.nii.gz", "summary.csv", "summary.json"]
 
     decathlon = tmp_path / "Task01"
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
@@ -490,7 +490,9 @@ def test_batch_reports_a_bad_case_and_goes_on(threshold_run, tmp_path, cli):
     only_bad.mkdir()
     (only_bad / "b.nii.gz").write_bytes(raw[: len(raw) // 3])
     result = cli("infer", only_bad, "-o", tmp_path / "out2", "--run", threshold_run)
-    assert result.exit_code == 1 and not (tmp_path / "out2").exists()  # no empty output folder left behind
+    assert result.exit_code == 1
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["summary.csv", "summary.json"]  # the failure, reported
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["counts"] == {"done": 0, "failed": 1, "pending": 0}
 
 
 def test_a_locked_output_fails_naming_the_holder(threshold_run, tmp_path, cli):

@@ -32,6 +32,7 @@ import torch
 from medseg import __version__
 from medseg.data.io import case_name, is_nifti, publish, read_image, spacing_of, temporary_beside
 from medseg.data.transforms import body_threshold, intensity_map
+from medseg.engine.cohort import settings_of
 from medseg.engine.pipeline import (
     Grids,
     WindowResult,
@@ -304,19 +305,46 @@ def _like(img: nib.Nifti1Image, data: np.ndarray) -> nib.Nifti1Image:
 
 
 def output_paths(input_path: Path, output: Path | None) -> dict[str, Path]:
-    """``scan.nii.gz`` -> scan_seg.nii.gz (+ .json labels, _probabilities.nii.gz, _seg.png)."""
+    """``scan.nii.gz`` -> scan_seg.nii.gz (+ .json labels, _probabilities.nii.gz, _seg.png, and
+    _seg.dcm for a DICOM SEG). An output named .dcm names the DICOM SEG; the other names follow it."""
     name = case_name(input_path) if is_nifti(input_path) else input_path.name
     seg = output if output is not None else input_path.parent / f"{name}_seg.nii.gz"
-    if not is_nifti(seg):
-        raise MedsegError(f"-o {seg}: output must end in .nii.gz or .nii")
-    stem = case_name(seg)
+    if seg.suffix.lower() == ".dcm":
+        stem = seg.name[: -len(".dcm")]
+        seg = seg.with_name(f"{stem}.nii.gz")
+    elif not is_nifti(seg):
+        raise MedsegError(f"-o {seg}: output must end in .nii.gz or .nii (or .dcm with --output-type dicom-seg)")
+    else:
+        stem = case_name(seg)
     base = stem[: -len("_seg")] if stem.endswith("_seg") else stem
-    return {"labels": seg, "json": seg.with_name(f"{stem}.json"), "probabilities": seg.with_name(f"{base}_probabilities.nii.gz"),
-            "preview": seg.with_name(f"{stem}.png")}
+    return {"labels": seg, "dicom_seg": seg.with_name(f"{stem}.dcm"), "json": seg.with_name(f"{stem}.json"),
+            "probabilities": seg.with_name(f"{base}_probabilities.nii.gz"), "preview": seg.with_name(f"{stem}.png")}
 
 
-def wanted_outputs(save_probabilities: bool, preview: bool) -> list[str]:
-    return ["labels", "json"] + (["probabilities"] if save_probabilities else []) + (["preview"] if preview else [])
+OUTPUT_TYPES = ("nifti", "dicom-seg")
+
+
+def wanted_outputs(save_probabilities: bool, preview: bool, output_type: str = "nifti") -> list[str]:
+    """The outputs to write: the label map (``labels``, NIfTI) or, for ``dicom-seg``, the DICOM SEG
+    alone (``dicom_seg``; no NIfTI), then the JSON sidecar and what was asked for."""
+    first = ["dicom_seg"] if output_type == "dicom-seg" else ["labels"]
+    return first + ["json"] + (["probabilities"] if save_probabilities else []) + (["preview"] if preview else [])
+
+
+def check_output_type(cases: list[tuple[Path, Path | None]], output_type: str) -> None:
+    """A DICOM SEG references the slices of its source series: only a DICOM folder input can have
+    one, and its ``-o`` ends in .dcm; a .dcm output is only ever a DICOM SEG."""
+    if output_type not in OUTPUT_TYPES:
+        raise MedsegError(f"--output-type {output_type}: expected one of {', '.join(OUTPUT_TYPES)}")
+    for scan, target in cases:
+        dcm = target is not None and target.suffix.lower() == ".dcm"
+        if output_type == "dicom-seg" and not scan.is_dir():
+            raise MedsegError(f"{scan}: --output-type dicom-seg needs a DICOM series folder as input (a DICOM SEG references "
+                              "the slices of its series), and this is a file")
+        if output_type == "dicom-seg" and target is not None and not dcm:
+            raise MedsegError(f"-o {target}: a DICOM SEG output must end in .dcm")
+        if output_type != "dicom-seg" and dcm:
+            raise MedsegError(f"-o {target}: a .dcm output is a DICOM SEG; pass --output-type dicom-seg")
 
 
 def _is_scan(p: Path) -> bool:
@@ -366,7 +394,7 @@ def _is_dataset(folder: Path) -> bool:
     return (folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir()
 
 
-def _batch_name(scan: Path) -> str:
+def batch_name(scan: Path) -> str:
     """A case's name in an output folder: the file's, or its folder's for ``<case>/image.nii.gz``."""
     name = case_name(scan)
     return scan.parent.name if name == "image" else name
@@ -385,7 +413,7 @@ def plan_inputs(input_path: Path, output: Path | None) -> InputPlan:
             raise MedsegError(f"{input_path} is a dataset folder (imagesTr/): name an output folder with -o, so that "
                               "predictions are not written among the images training reads")
         return InputPlan([(p, None) for p in scans], True)
-    cases = [(p, output / f"{_batch_name(p)}_seg.nii.gz") for p in scans]
+    cases = [(p, output / f"{batch_name(p)}_seg.nii.gz") for p in scans]
     seen: dict[Path, Path] = {}
     for scan, target in cases:
         if target in seen:
@@ -478,18 +506,24 @@ def _publish(tmp: str, dest: Path, force: bool) -> None:
 
 
 def _write_outputs(seg: Segmentation, img: nib.Nifti1Image, paths: dict[str, Path], wanted: list[str], sidecar: dict[str, Any],
-                   hu_window, force: bool) -> None:
+                   hu_window, force: bool, dicom_seg: dict[str, Any] | None = None) -> None:
     """Every output to a hidden temporary file first, then all published; on a failure nothing
-    new is left behind."""
+    new is left behind. ``dicom_seg``: the keywords of :func:`medseg.data.dicomseg.make_dicom_seg`
+    (the source series and the names for the algorithm), for the ``dicom_seg`` output."""
     staged: dict[str, str] = {}
     published: list[Path] = []
     try:
         for key in wanted:
-            suffix = {"labels": ".nii.gz", "probabilities": ".nii.gz", "json": ".json", "preview": ".png"}[key]
+            suffix = {"labels": ".nii.gz", "probabilities": ".nii.gz", "json": ".json", "preview": ".png", "dicom_seg": ".dcm"}[key]
             if key in ("labels", "probabilities") and not str(paths[key]).lower().endswith(".gz"):
                 suffix = ".nii"
             staged[key] = tmp = temporary_beside(paths[key], suffix)
-            if key == "labels":
+            if key == "dicom_seg":  # first in ``wanted``: what it holds goes into the sidecar
+                from medseg.data.dicomseg import make_dicom_seg
+
+                dataset, sidecar["dicom_seg"] = make_dicom_seg(seg.labels, seg.names, **(dicom_seg or {}))
+                dataset.save_as(tmp, enforce_file_format=True)
+            elif key == "labels":
                 nib.save(seg.labels, tmp)
             elif key == "probabilities":
                 nib.save(seg.probabilities, tmp)
@@ -526,11 +560,13 @@ def _dicom_info(img: nib.Nifti1Image) -> dict[str, Any]:
 
 def segment_file(predictor: Predictor, input_path: Path, output: Path | None = None, *, force: bool = False,
                  save_probabilities: bool = False, preview: bool = False, classes: list[str] | None = None,
-                 series: str | None = None, on_window=None, model_grid: bool = False) -> dict[str, Any]:
+                 series: str | None = None, on_window=None, model_grid: bool = False, output_type: str = "nifti") -> dict[str, Any]:
     """Segment one scan and write its outputs (see the module docstring for the rules). Returns
-    ``{"paths", "segmentation", "notes", "series_uid"}``."""
+    ``{"paths", "segmentation", "notes", "series_uid"}``. ``output_type="dicom-seg"`` (a DICOM
+    folder input only) writes a DICOM SEG referencing the series instead of the NIfTI label map."""
+    check_output_type([(input_path, output)], output_type)
     paths = output_paths(input_path, output)
-    wanted = wanted_outputs(save_probabilities, preview)
+    wanted = wanted_outputs(save_probabilities, preview, output_type)
     check_outputs(InputPlan([(input_path, output)], False), wanted, force)
     folder = paths["labels"].parent
     if folder.exists() and not os.access(folder, os.W_OK):  # refuse before the work, not after it
@@ -553,13 +589,19 @@ def segment_file(predictor: Predictor, input_path: Path, output: Path | None = N
                    "medseg_version": __version__,
                    "input": str(input_path.resolve()), "method": seg.method, "resample": seg.resample, "tta": predictor.tta,
                    "overlap": predictor.overlap, "spacing_mm": list(spacing_of(img.affine)), "seconds": round(seg.seconds, 2),
-                   "largest_component": [seg.names[v] for v in predictor.largest_component if v in seg.names]}
+                   "largest_component": [seg.names[v] for v in predictor.largest_component if v in seg.names],
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "settings": settings_of(predictor, classes, output_type)}  # a cohort re-run skips what these settings made
         if len(predictor.runs) > 1:  # a fold ensemble: the mean of these runs' probabilities
             sidecar["ensemble"] = [str(r.path.resolve()) for r in predictor.runs]
             sidecar.update(run=sidecar["ensemble"], run_name=[r.name for r in predictor.runs],
                            run_status=[r.status for r in predictor.runs])
         if dicom.get("series_uid") or series:
             sidecar["dicom_series_uid"] = dicom.get("series_uid") or series
-        _write_outputs(seg, img, paths, wanted, sidecar, predictor.bundle.data.hu_window, force)
+        dicom_seg = None
+        if output_type == "dicom-seg":
+            dicom_seg = {"series": input_path, "series_uid": dicom.get("series_uid") or series, "model": sidecar["model"],
+                         "run": ",".join(r.name for r in predictor.runs)}
+        _write_outputs(seg, img, paths, wanted, sidecar, predictor.bundle.data.hu_window, force, dicom_seg=dicom_seg)
     notes = ([dicom["note"]] if dicom.get("note") else []) + seg.notes
     return {"paths": {k: paths[k] for k in wanted}, "segmentation": seg, "notes": notes, "series_uid": sidecar.get("dicom_series_uid")}
