@@ -201,21 +201,10 @@ def infer(
     import os
 
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from medseg.cli_common import check_choice, path_arg
     from medseg.engine import cohort as co
-    from medseg.engine.hooks import test_hook
-    from medseg.engine.infer import (
-        Predictor,
-        batch_name,
-        check_output_type,
-        check_outputs,
-        output_paths,
-        plan_inputs,
-        segment_file,
-        wanted_outputs,
-    )
+    from medseg.engine.infer import Predictor, check_output_type, check_outputs, plan_inputs, wanted_outputs
 
     input_path, output = path_arg(input_arg, "INPUT"), path_arg(output_arg, "-o")
 
@@ -225,27 +214,18 @@ def infer(
     share = co.parse_part(part) if part is not None else co.torchrun_part()
     plan = plan_inputs(input_path, output)
     check_output_type(plan.cases, output_type)
-    wanted = wanted_outputs(save_probabilities, preview, output_type)
     if (nproc or 1) > 1 or share is not None:
         if not plan.batch or output is None:
             raise MedsegError("--nproc, --part and torchrun share out the scans of a folder: give a folder input and an output folder (-o)")
+        if share is not None and not run:
+            raise MedsegError("name the run(s) with --run: every worker must use the same model, not each the newest under ./runs")
     # before any work: no output is an input; for one scan, no output exists (a cohort decides case by case)
-    check_outputs(plan, wanted, force or plan.batch)
+    check_outputs(plan, wanted_outputs(save_probabilities, preview, output_type), force or plan.batch)
     if (nproc or 1) > 1:
-        args = [str(input_path), "-o", str(output), *[a for r in (run or []) for a in ("--run", str(r))], "--checkpoint", checkpoint,
-                "--device", device, "--window", window, "--resample", resample, "--output-type", output_type,
-                *(["--overlap", str(overlap)] if overlap is not None else []),
-                *(["--sw-batch-size", str(sw_batch_size)] if sw_batch_size is not None else []),
-                *[a for c in (classes or []) for a in ("--classes", c)], *(["--series", series] if series else []),
-                *[flag for flag, on in (("--tta", tta), ("--save-probabilities", save_probabilities), ("--preview", preview),
-                                        ("--force", force), ("--no-postprocess", no_postprocess)) if on]]
-        code = co.launch_workers(nproc, args, device)
-        counts = co.read_summary(output)
-        done = sum(r["status"] == "done" for r in counts.values())
-        failed = [n for n, r in counts.items() if r["status"] == "failed"]
-        out.print(escape(f"{done} of {len(plan.cases)} scans done" + (f"; failed: {', '.join(failed)}" if failed else "")
-                         + f" (summary: {output / co.SUMMARY[1]})"), soft_wrap=True, highlight=False)
-        raise typer.Exit(code if code in (130, 143) else 1 if code or failed or done < len(plan.cases) else 0)
+        opts = {"run": run, "checkpoint": checkpoint, "device": device, "window": window, "resample": resample, "output_type": output_type,
+                "overlap": overlap, "sw_batch_size": sw_batch_size, "classes": classes, "series": series, "tta": tta, "force": force,
+                "save_probabilities": save_probabilities, "preview": preview, "no_postprocess": no_postprocess}
+        raise typer.Exit(_infer_workers(nproc, plan, input_path, output, opts))
     if share is not None and device in ("auto", "cuda") and "LOCAL_RANK" in os.environ:
         import torch
 
@@ -255,7 +235,6 @@ def infer(
     predictor = Predictor(run, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, method=window,
                           checkpoint=checkpoint, resample=resample, postprocess=not no_postprocess)
     predictor.class_subset(classes)  # an unknown name fails before the first case
-    settings = co.settings_of(predictor, classes, output_type)
     names = ", ".join(list(predictor.names.values())[1:])
     if len(predictor.runs) > 1:
         err.print(f"ensemble of {len(predictor.runs)} runs: {', '.join(r.name for r in predictor.runs)} ({names})", soft_wrap=True, highlight=False)
@@ -269,70 +248,100 @@ def infer(
         if r.status != "complete":
             err.print(f"[yellow]note:[/yellow] run {r.name} is {r.status}, not complete; using its {checkpoint} checkpoint",
                       soft_wrap=True, highlight=False)
-    worker = f"{share[0]}/{share[1]}" if share is not None else "0/1"
-    summary = plan.batch and output is not None
-    failed: list[str] = []
-    skipped = segmenting = 0
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err) as bar:
-        cases = bar.add_task("cases", total=len(mine), visible=plan.batch)
-        for path, target in mine:
-            status = co.CaseStatus(batch_name(path), str(path), "", worker=worker)
-            paths = output_paths(path, target)
-            status.output = str(paths["dicom_seg" if output_type == "dicom-seg" else "labels"])
-            earlier = co.complete_output(path, paths, wanted, settings) if plan.batch and not force else None
-            if earlier is not None:  # done by an earlier or another worker: nothing to redo
-                skipped += 1
-                status.status, status.seconds, status.volume_ml = "done", earlier.get("seconds"), earlier.get("volume_ml", {})
-                status.finished = earlier.get("finished", "")
-                out.print(escape(f"{path.name}: done earlier ({status.output})"), soft_wrap=True, highlight=False)
-                bar.advance(cases)
-                if summary:
-                    co.update_summary(output, plan.cases, [status], batch_name)
-                continue
-            segmenting += 1
-            test_hook(f"case:{segmenting}")
-            windows = bar.add_task(escape(path.name), total=None)
-            try:
-                result = segment_file(predictor, path, target, force=force, save_probabilities=save_probabilities, preview=preview,
-                                      classes=classes, series=series, output_type=output_type,
-                                      on_window=lambda i, n, t=windows: bar.update(t, completed=i, total=n))
-            except MedsegError as e:
-                if not plan.batch:
-                    raise
-                message = str(e) if str(path) in str(e) else f"{path}: {e}"
-                if "pass --force" in message:
-                    message += " (it is not a complete output of this run and these settings)"
-                err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
-                failed.append(path.name)
-                status.status, status.error, status.finished = "failed", message, co.now()
-                if summary:
-                    co.update_summary(output, plan.cases, [status], batch_name)
-                continue
-            finally:
-                bar.remove_task(windows)
-                bar.advance(cases)
-            for note in result["notes"]:
-                err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True, highlight=False)
-            seg = result["segmentation"]
-            status.status, status.seconds, status.volume_ml, status.finished = "done", round(seg.seconds, 2), seg.volume_ml, co.now()
-            if summary:
-                co.update_summary(output, plan.cases, [status], batch_name)
-            volumes = ", ".join(f"{k} {v:.0f} ml" for k, v in seg.volume_ml.items())
-            written = result["paths"].get("labels") or result["paths"]["dicom_seg"]
-            line = f"{path.name} -> {written}  ({seg.method} window, {seg.resample}, {seg.seconds:.1f} s)  {volumes}"
-            out.print(escape(line), soft_wrap=True, highlight=False)
+    with _InferUI(len(mine), plan.batch) as ui:
+        result = co.segment_share(predictor, plan, mine, ui, worker=f"{share[0]}/{share[1]}" if share else "0/1", output=output,
+                                  output_type=output_type, classes=classes, force=force, save_probabilities=save_probabilities,
+                                  preview=preview, series=series)
     if plan.batch:
-        done = len(mine) - len(failed) - skipped
-        line = (f"{done} of {len(mine)} scans segmented" + (f", {skipped} done earlier" if skipped else "")
-                + (f"; failed: {', '.join(failed)}" if failed else ""))
-        if summary:
-            total = co.read_summary(output)
-            left = sum(r["status"] == "pending" for r in total.values())
+        line = (f"{result.segmented} of {len(mine)} scans segmented" + (f", {result.skipped} done earlier" if result.skipped else "")
+                + (f"; failed: {', '.join(result.failed)}" if result.failed else ""))
+        if output is not None:
+            left = sum(r["status"] == "pending" for r in co.read_summary(output).values())
             line += f" (summary: {output / co.SUMMARY[1]}" + (f"; {left} pending in other workers' shares" if left else "") + ")"
         out.print(escape(line), soft_wrap=True, highlight=False)
-        if failed:
-            raise typer.Exit(1)
+        if result.failed and co.torchrun_part() is None:
+            raise typer.Exit(1)  # under torchrun a failed rank would stop the others: the failures are in the summary
+
+
+def _infer_workers(nproc: int, plan, input_path: Path, output: Path, o: dict) -> int:
+    """``medseg infer --nproc N``: the runs and classes checked here once (every worker gets the
+    same runs, named), then N workers; their summary tells the outcome."""
+    from rich.markup import escape
+
+    from medseg.engine import cohort as co
+    from medseg.engine.infer import resolve_runs
+
+    notes: list[str] = []
+    runs = resolve_runs(o["run"], notes=notes)
+    known = set(runs[0].labels.values()) - {"background"}
+    unknown = [c for c in (o["classes"] or []) if c not in known]
+    if unknown:
+        raise MedsegError(f"--classes: {', '.join(unknown)} not in this run's classes ({', '.join(sorted(known))})")
+    args = [str(input_path), "-o", str(output), *[a for r in runs for a in ("--run", str(r.path))], "--checkpoint", o["checkpoint"],
+            "--device", o["device"], "--window", o["window"], "--resample", o["resample"], "--output-type", o["output_type"],
+            *(["--overlap", str(o["overlap"])] if o["overlap"] is not None else []),
+            *(["--sw-batch-size", str(o["sw_batch_size"])] if o["sw_batch_size"] is not None else []),
+            *[a for c in (o["classes"] or []) for a in ("--classes", c)], *(["--series", o["series"]] if o["series"] else []),
+            *[flag for flag, key in (("--tta", "tta"), ("--save-probabilities", "save_probabilities"), ("--preview", "preview"),
+                                     ("--force", "force"), ("--no-postprocess", "no_postprocess")) if o[key]]]
+    code = co.launch_workers(nproc, args, o["device"])
+    rows = co.read_summary(output)
+    done = sum(rows.get(name, {}).get("status") == "done" for name in _case_names(plan))
+    failed = [n for n in _case_names(plan) if rows.get(n, {}).get("status") == "failed"]
+    out.print(escape(f"{done} of {len(plan.cases)} scans done" + (f"; failed: {', '.join(failed)}" if failed else "")
+                     + f" (summary: {output / co.SUMMARY[1]})"), soft_wrap=True, highlight=False)
+    if code in (130, 143):
+        return code
+    return 1 if code or failed or done < len(plan.cases) else 0
+
+
+def _case_names(plan) -> list[str]:
+    from medseg.engine.infer import batch_name
+
+    return [batch_name(p) for p, _ in plan.cases]
+
+
+class _InferUI:
+    """``medseg infer``'s view of a share: a cases bar and a windows bar per scan (rich on a
+    terminal), a line per case on stdout, notes and errors on stderr."""
+
+    def __init__(self, n: int, batch: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+        self.cases = self.bar.add_task("cases", total=n, visible=batch)
+        self.windows = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def started(self, path: Path):
+        self.windows = self.bar.add_task(escape(path.name), total=None)
+        return lambda i, n, t=self.windows: self.bar.update(t, completed=i, total=n)
+
+    def ended(self, path: Path) -> None:
+        self.bar.remove_task(self.windows)
+        self.bar.advance(self.cases)
+
+    def skipped(self, path: Path, status) -> None:
+        self.bar.advance(self.cases)
+        out.print(escape(f"{path.name}: done earlier ({status.output})"), soft_wrap=True, highlight=False)
+
+    def failed(self, path: Path, message: str) -> None:
+        err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+
+    def segmented(self, path: Path, result: dict) -> None:
+        for note in result["notes"]:
+            err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True, highlight=False)
+        seg = result["segmentation"]
+        volumes = ", ".join(f"{k} {v:.0f} ml" for k, v in seg.volume_ml.items())
+        written = result["paths"].get("labels") or result["paths"]["dicom_seg"]
+        line = f"{path.name} -> {written}  ({seg.method} window, {seg.resample}, {seg.seconds:.1f} s)  {volumes}"
+        out.print(escape(line), soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -22,8 +22,9 @@ from medseg.engine.distributed import Dist, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "bundles" / "smoke.json"
-# 6 phantom cases: 4 train (2 per rank), 2 validation (1 per rank)
-SETS = ["--set", "data.phantom.cases=6", "--set", "data.val_fraction=0.34", "--tracking", "none", "--progress", "plain"]
+# 7 phantom cases: 4 train (2 per rank), 3 validation (2 on rank 0, 1 on rank 1)
+DATA = ["--set", "data.phantom.cases=7", "--set", "data.val_fraction=0.4"]
+SETS = [*DATA, "--tracking", "none", "--progress", "plain"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -48,10 +49,22 @@ def test_one_process_collectives_are_identities():
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    r = _medseg("train", str(SMOKE), "--nproc", "2", "--run-dir", str(run_dir), *SETS)
+    """Two gloo ranks, tracked in an SQLite MLflow store (rank 0 alone may write to it)."""
+    root = tmp_path_factory.mktemp("ddp")
+    run_dir = root / "run"
+    r = _medseg("train", str(SMOKE), "--nproc", "2", "--run-dir", str(run_dir), *DATA, "--progress", "plain", "--set", "tracking.backend=mlflow",
+                env={"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
+
+
+def test_only_rank_zero_tracks(ddp_run):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ddp_run.parent / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(runs[0].info.run_id, "val_mean_dice")) == 2  # one per epoch, not one per rank
 
 
 def test_two_ranks_train_disjoint_shards(ddp_run):
@@ -63,12 +76,13 @@ def test_two_ranks_train_disjoint_shards(ddp_run):
     assert all(seen) and not seen[0] & seen[1]
     splits = json.loads((ddp_run / "splits.json").read_text())
     assert seen[0] | seen[1] == {c["name"] for c in splits["train"]}
-    assert len(splits["val"]) == 2 and [len(v) for v in d["val_shards"]] == [1, 1]
+    assert len(splits["val"]) == 3 and [len(v) for v in d["val_shards"]] == [2, 1]
 
 
 def test_validation_dice_is_reduced_over_ranks(ddp_run):
-    """The logged Dice of the last epoch equals one process's validation of both validation cases
-    with the saved last weights, and differs from either rank's own case alone."""
+    """The logged Dice of the last epoch equals one process's validation of all three validation
+    cases with the saved last weights; it is neither one rank's share alone nor the mean of the two
+    ranks' means (rank 0 holds two cases, rank 1 one)."""
     from monai.data import Dataset
 
     from medseg.data.datasets import prepare
@@ -87,8 +101,10 @@ def test_validation_dice_is_reduced_over_ranks(ddp_run):
         return validate(model, ds, bundle, torch.device("cpu"))["mean_dice"]
 
     assert dice(val_cases) == pytest.approx(logged, abs=1e-6)
-    for case in val_cases:  # a rank reporting only its own case would have logged one of these
-        assert abs(dice([case]) - logged) > 1e-4
+    shards = [shard(val_cases, r, 2) for r in range(2)]
+    per_rank = [dice(s) for s in shards]
+    for wrong in (*per_rank, sum(per_rank) / 2):
+        assert abs(wrong - logged) > 1e-4
 
 
 def test_checkpoint_serves_inference(ddp_run, tmp_path):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medseg.errors import MedsegError
 
@@ -76,10 +76,25 @@ def my_cases(cases: list[tuple[Path, Path | None]], part: tuple[int, int] | None
 
 
 def settings_of(predictor, classes: list[str] | None, output_type: str) -> dict[str, Any]:
-    """What, besides the run, decides a case's output: a re-run with other settings does not skip it."""
-    return {"runs": [str(r.path.resolve()) for r in predictor.runs], "checkpoint": predictor.checkpoint, "tta": predictor.tta,
-            "overlap": predictor.overlap, "resample": predictor.resample, "classes": sorted(classes or []),
-            "largest_component": list(predictor.largest_component), "output_type": output_type}
+    """What decides a case's output besides the scan: the runs and their weights files (a run trained
+    further has other weights), and the options. A re-run with other settings does not skip a case."""
+    return {"runs": [str(r.path.resolve()) for r in predictor.runs], "checkpoint": predictor.checkpoint,
+            "weights": [_stat(r.weights_path(predictor.checkpoint)) for r in predictor.runs], "tta": predictor.tta,
+            "overlap": predictor.overlap, "resample": predictor.resample, "window": predictor.window.method,
+            "classes": sorted(classes or []), "largest_component": list(predictor.largest_component), "output_type": output_type}
+
+
+def input_stat(path: Path) -> list[int] | None:
+    """(size, mtime) of a scan file: a scan replaced under the same name is segmented again. None for a DICOM folder."""
+    return _stat(path) if path.is_file() else None
+
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def complete_output(scan: Path, paths: dict[str, Path], wanted: list[str], settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -95,6 +110,8 @@ def complete_output(scan: Path, paths: dict[str, Path], wanted: list[str], setti
     try:
         sidecar = json.loads(paths["json"].read_text())
         if sidecar.get("input") != str(scan.resolve()) or sidecar.get("settings") != settings:
+            return None
+        if sidecar.get("input_stat") != input_stat(scan):
             return None
         if "labels" in wanted:
             labels = nib.load(paths["labels"])
@@ -121,15 +138,27 @@ def outputs_present(paths: dict[str, Path], wanted: list[str]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """flock on the folder itself: every worker (and machine, on a file system with locks) in turn."""
+def _summary_lock(folder: Path):
+    """``OUT/.summary.lock`` held (flock; NFS emulates it with fcntl locks) while the summary is
+    rewritten: every worker, on every machine, in turn. Removed afterwards; a waiter that finds
+    it removed takes a new one."""
     import fcntl
 
-    fd = os.open(folder, os.O_RDONLY)
-    try:
+    lock = folder / ".summary.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
         os.close(fd)
 
 
@@ -147,7 +176,7 @@ def update_summary(out_dir: Path, cohort: list[tuple[Path, Path | None]], change
     from medseg.data.io import temporary_beside
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(out_dir):
+    with _summary_lock(out_dir):
         rows = read_summary(out_dir)
         for scan, target in cohort:
             name = name_of(scan)
@@ -156,7 +185,8 @@ def update_summary(out_dir: Path, cohort: list[tuple[Path, Path | None]], change
         for c in changes:
             rows[c.name] = asdict(c)
         order = [name_of(scan) for scan, _ in cohort]
-        ordered = [rows[n] for n in order] + [r for n, r in rows.items() if n not in set(order)]
+        listed = set(order)
+        ordered = [rows[n] for n in order] + [r for n, r in rows.items() if n not in listed]
         counts = {s: sum(r["status"] == s for r in ordered) for s in ("done", "failed", "pending")}
         texts = {SUMMARY[0]: json.dumps({"counts": counts, "cases": ordered}, indent=2) + "\n", SUMMARY[1]: _csv(ordered)}
         for name, text in texts.items():
@@ -181,30 +211,127 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# one worker's share
+
+
+class ShareUI(Protocol):
+    """What the command line shows of a share being segmented (rich bars, lines)."""
+
+    def started(self, path: Path) -> Callable[[int, int], None]: ...  # returns on_window(i, n)
+    def ended(self, path: Path) -> None: ...
+    def skipped(self, path: Path, status: CaseStatus) -> None: ...
+    def segmented(self, path: Path, result: dict[str, Any]) -> None: ...
+    def failed(self, path: Path, message: str) -> None: ...
+
+
+@dataclass
+class ShareResult:
+    segmented: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def segment_share(predictor, plan, mine: list[tuple[Path, Path | None]], ui: ShareUI, *, worker: str, output: Path | None,
+                  output_type: str = "nifti", classes: list[str] | None = None, force: bool = False, save_probabilities: bool = False,
+                  preview: bool = False, series: str | None = None) -> ShareResult:
+    """Segment the cases ``mine`` of ``plan`` (an :class:`~medseg.engine.infer.InputPlan`). In a
+    cohort (``plan.batch``), a case complete for these settings is skipped (``force`` replaces only
+    outputs made otherwise), a case that fails is reported and the next one done, and with an
+    output folder the summary is updated after each case. One scan (not a batch) raises its error."""
+    import torch
+
+    from medseg.engine.hooks import test_hook
+    from medseg.engine.infer import batch_name, output_paths, segment_file, wanted_outputs
+
+    wanted = wanted_outputs(save_probabilities, preview, output_type)
+    settings = settings_of(predictor, classes, output_type)
+    result = ShareResult()
+
+    def report(status: CaseStatus) -> None:
+        if not (plan.batch and output is not None):
+            return
+        try:
+            update_summary(output, plan.cases, [status], batch_name)
+        except OSError as e:  # the summary is a report: a problem with it must not stop the cohort
+            ui.failed(output / SUMMARY[0], f"cannot update the summary: {e.strerror or e}")
+
+    for path, target in mine:
+        paths = output_paths(path, target)
+        status = CaseStatus(batch_name(path), str(path), str(paths["dicom_seg" if output_type == "dicom-seg" else "labels"]), worker=worker)
+        earlier = complete_output(path, paths, wanted, settings) if plan.batch else None
+        if earlier is not None:  # done by an earlier run or another worker: nothing to redo
+            result.skipped += 1
+            status.status, status.seconds, status.volume_ml = "done", earlier.get("seconds"), earlier.get("volume_ml", {})
+            status.finished = earlier.get("finished", "")
+            ui.skipped(path, status)
+            report(status)
+            continue
+        test_hook(f"case:{result.segmented + len(result.failed) + 1}")
+        on_window = ui.started(path)
+        try:
+            done = segment_file(predictor, path, target, force=force, save_probabilities=save_probabilities, preview=preview,
+                                classes=classes, series=series, output_type=output_type, on_window=on_window)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001  a cohort goes on past a bad case, whatever broke
+            if not plan.batch:
+                raise
+            if isinstance(e, MedsegError):
+                message = str(e) if str(path) in str(e) else f"{path}: {e}"
+                if "pass --force" in message:
+                    message += " (it is not a complete output of this run and these settings)"
+            else:
+                message = f"{path}: {type(e).__name__}: {e}"
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            result.failed.append(path.name)
+            status.status, status.error, status.finished = "failed", message, now()
+            ui.failed(path, message)
+            report(status)
+            continue
+        finally:
+            ui.ended(path)
+        seg = done["segmentation"]
+        result.segmented += 1
+        status.status, status.seconds, status.volume_ml, status.finished = "done", round(seg.seconds, 2), seg.volume_ml, now()
+        ui.segmented(path, done)
+        report(status)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # workers on this machine
 
 
 def launch_workers(nproc: int, args: list[str], device: str) -> int:
-    """``nproc`` processes of ``medseg infer ARGS --part i/nproc``; their lines relayed with a
-    ``[i]`` prefix; SIGTERM / Ctrl-C passed on. With GPUs, worker i sees GPU ``i % count`` only.
-    Returns 0, or the first non-zero exit status of a worker."""
+    """``nproc`` processes of ``medseg infer ARGS --part i/nproc``, their lines relayed with an
+    ``[i]`` prefix (stdout to stdout, stderr to stderr); SIGTERM / Ctrl-C passed on as SIGTERM
+    (a worker stops where it is; its case is redone by a re-run). With GPUs, worker i sees one GPU
+    (of those this process sees). Returns 0, or the first non-zero exit status of a worker."""
     import torch
+
+    from medseg.engine.distributed import exit_status
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MedsegError("--nproc starts its own workers; under torchrun each rank is already one: leave out --nproc")
-    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    gpus: list[str] = []
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     children: list[subprocess.Popen] = []
     relays: list[threading.Thread] = []
     for i in range(nproc):
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
         if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        p = subprocess.Popen([sys.executable, "-m", "medseg", "infer", *args, "--part", f"{i}/{nproc}"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        # own sessions: a Ctrl-C reaches the workers once, through this process
+        p = subprocess.Popen([sys.executable, "-m", "medseg", "infer", *args, "--part", f"{i}/{nproc}"], env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         children.append(p)
-        relays.append(threading.Thread(target=_relay, args=(p, f"[{i}] "), daemon=True))
-        relays[-1].start()
+        for stream, sink in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
+            relays.append(threading.Thread(target=_relay, args=(stream, sink, f"[{i}] "), daemon=True))
+            relays[-1].start()
 
     def stop(signum, frame):
         for c in children:
@@ -226,14 +353,13 @@ def launch_workers(nproc: int, args: list[str], device: str) -> int:
                 c.kill()
         for t in relays:
             t.join(timeout=5)
-    return next((c if c > 0 else 128 - c for c in codes if c != 0), 0)
+    return next((exit_status(c) for c in codes if c != 0), 0)
 
 
-def _relay(p: subprocess.Popen, prefix: str) -> None:
-    assert p.stdout is not None
-    for line in p.stdout:
-        sys.stderr.write(prefix + line)
-        sys.stderr.flush()
+def _relay(stream, sink, prefix: str) -> None:
+    for line in stream:
+        sink.write(prefix + line)
+        sink.flush()
 
 
 def now() -> str:

@@ -134,6 +134,32 @@ class Dist:
             raise MedsegError(error)
         return fn(*args, **kwargs)
 
+    def from_main(self, fn, *args, **kwargs):
+        """``fn``'s result on rank 0, given to every rank (it must pickle); rank 0's user error
+        (:class:`MedsegError`) is raised on every rank. What only rank 0 may do (create the run
+        directory) or what every rank must agree on (the plan: each rank's GPU would size its own)."""
+        if not self.enabled:
+            return fn(*args, **kwargs)
+        if self.is_main:
+            try:
+                result = fn(*args, **kwargs)
+            except MedsegError as e:
+                self.broadcast(("error", str(e)))
+                raise
+            self.broadcast(("ok", result))
+            return result
+        status, value = self.broadcast(None)
+        if status == "error":
+            raise MedsegError(value)
+        return value
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Rank 0's buffers (batch-norm statistics) on every rank: DDP sends them at the next forward,
+        so after an epoch's last step each rank's differ; validation must score one model."""
+        if self.enabled:
+            for b in model.buffers():
+                torch.distributed.broadcast(b, src=0)
+
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -172,7 +198,12 @@ def launch_torchrun(nproc: int, args: list[str], torchrun_args: list[str] | None
     except SignalException as e:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        _, first = e.get_first_failure()
-        code = first.exitcode
-        return code if 0 < code < 256 else 128 - code if code < 0 else 1  # a rank killed by a signal: -signum
+        return exit_status(e.get_first_failure()[1].exitcode)
     return 0
+
+
+def exit_status(code: int) -> int:
+    """A child's exit code as a shell reports it: a death by signal N (``-N`` from Python) is 128 + N."""
+    if code < 0:
+        return 128 - code
+    return code if code < 256 else 1

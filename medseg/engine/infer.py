@@ -32,7 +32,7 @@ import torch
 from medseg import __version__
 from medseg.data.io import case_name, is_nifti, publish, read_image, spacing_of, temporary_beside
 from medseg.data.transforms import body_threshold, intensity_map
-from medseg.engine.cohort import settings_of
+from medseg.engine.cohort import input_stat, settings_of
 from medseg.engine.pipeline import (
     Grids,
     WindowResult,
@@ -591,7 +591,8 @@ def segment_file(predictor: Predictor, input_path: Path, output: Path | None = N
                    "overlap": predictor.overlap, "spacing_mm": list(spacing_of(img.affine)), "seconds": round(seg.seconds, 2),
                    "largest_component": [seg.names[v] for v in predictor.largest_component if v in seg.names],
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "settings": settings_of(predictor, classes, output_type)}  # a cohort re-run skips what these settings made
+                   # a cohort re-run skips what this scan file and these settings made
+                   "settings": settings_of(predictor, classes, output_type), "input_stat": input_stat(input_path)}
         if len(predictor.runs) > 1:  # a fold ensemble: the mean of these runs' probabilities
             sidecar["ensemble"] = [str(r.path.resolve()) for r in predictor.runs]
             sidecar.update(run=sidecar["ensemble"], run_name=[r.name for r in predictor.runs],

@@ -134,7 +134,7 @@ def train(bundle: Bundle, *, run_dir: str | Path | None = None, runs_root: str |
     Under torchrun (``WORLD_SIZE`` > 1) this is one rank of a DistributedDataParallel training: each
     rank trains on its own shard of the training cases (``train.batch_size`` per rank) and validates
     its shard of the validation cases, the scores summed over ranks; rank 0 alone writes the run and
-    MLflow. Every rank returns the same :class:`TrainResult`."""
+    MLflow. Every rank returns the :class:`TrainResult` (its tracking run id on rank 0 only)."""
     dist, dev = Dist.from_env(device)
     try:
         return _train(bundle, dist, dev, run_dir=run_dir, runs_root=runs_root, resume=resume, console=console,
@@ -209,8 +209,9 @@ def _train(bundle: Bundle, dist: Dist, dev: torch.device, *, run_dir, runs_root,
     if planned:
         # K folds are planned on every case, as nnU-Net does, so that the folds share one preprocessing and can be ensembled
         seen, others = (sorted(train_cases + val_cases, key=lambda c: c.name), []) if bundle.data.fold is not None else (train_cases, val_cases)
-        bundle, plan = _plan(bundle, found.root, lut, seen, dev, console if mode != "off" else None,
-                             lambda i, n: data_progress("fingerprint", i, n), others=others)
+        # planned once, on rank 0 (each rank's GPU would size its own ROI and batch), then shared
+        bundle, plan = dist.from_main(_plan, bundle, found.root, lut, seen, dev, console if mode != "off" else None,
+                                      lambda i, n: data_progress("fingerprint", i, n), others=others)
         t = bundle.train
         model = build_model(bundle)
         check_window(bundle.model.name, t.roi, bundle.infer_roi)
@@ -244,18 +245,11 @@ def _train(bundle: Bundle, dist: Dist, dev: torch.device, *, run_dir, runs_root,
         return Run.create(prefix, run_dir=run_dir, runs_root=runs_root, model=bundle.model.name,
                           tracked_names=tracker.run_names(), extra=extra)
 
-    if dist.is_main:  # rank 0 owns the directory; the other ranks learn where it is (or rank 0's error)
-        try:
-            run = open_run()
-        except MedsegError as e:
-            dist.broadcast(("error", str(e)))
-            raise
-        dist.broadcast(("ok", str(run.path)))
-    else:
-        status, value = dist.broadcast(None)
-        if status == "error":
-            raise MedsegError(value)
-        run = _Follower(Path(value))  # type: ignore[assignment]
+    opened: list[Run] = []  # rank 0 owns the directory; the other ranks learn where it is (or rank 0's error)
+    path = dist.from_main(lambda: str((opened.append(open_run()) or opened[0]).path))
+    run = opened[0] if dist.is_main else _Follower(Path(path))  # type: ignore[assignment]
+    if dist.enabled:  # each rank its own dropout and augmentation stream (the weights are rank 0's: DDP broadcasts them)
+        set_determinism(seed=(t.seed + 7_919 * dist.rank) % 2**31)
     try:
         # What can still fail (the checkpoint, the tracking store) fails before a file of the run changes.
         try:
@@ -630,6 +624,7 @@ class _Session:
                                "lr": lr_at(self.schedule, max(0, self.step - 1)), "epoch_seconds": round(self.epoch_seconds, 2)}
         if epoch % t.val_interval == 0 or epoch == self.n_epochs:
             bar.start_validation(epoch)
+            self.dist.sync_buffers(self.model)
             test_hook("validation")
 
             def on_case(i: int, n: int | None = None) -> None:
