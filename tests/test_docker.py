@@ -228,6 +228,8 @@ def test_volumes_workdir_and_where_state_goes(kind):
     assert env.get("MEDSEG_CACHE", "").startswith(("/runs/", "/tmp/")), env.get("MEDSEG_CACHE")
     assert env.get("MPLCONFIGDIR", "").startswith("/tmp/")  # writable for any --user
     assert env.get("PIP_NO_CACHE_DIR") == "1"
+    # MONAI's import calls getpass.getuser(): with `docker run --user UID` (no passwd entry) it needs USER or LOGNAME
+    assert env.get("USER") and env.get("LOGNAME")
 
 
 def test_base_images():
