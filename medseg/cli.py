@@ -505,7 +505,7 @@ def models() -> None:
     print_table(table)
 
 
-from medseg import cli_compare, cli_cost  # noqa: E402,F401  (registers compare, flops and memory)
+from medseg import cli_compare, cli_cost, cli_export  # noqa: E402,F401  (registers compare, flops, memory and export)
 
 if __name__ == "__main__":
     app()
