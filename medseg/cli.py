@@ -81,6 +81,8 @@ def train(
         if bundle is None:
             raise MedsegError("name a bundle, e.g. medseg train bundles/swin_unetr.json")
         cfg = load_bundle(bundle, overrides)
+    if nproc is not None and nproc > 1 and not resume and run_dir is not None and (Path(run_dir) / "run.json").exists():
+        raise MedsegError(f"{run_dir} already holds a run; choose another --run-dir, or continue it with --resume")
     if nproc is not None and nproc > 1:  # the bundle and options are checked; torchrun starts the ranks, each runs this command
         from medseg.engine.distributed import launch_torchrun
 
@@ -212,6 +214,8 @@ def infer(
     check_choice("--window", window, ("auto", "monai", "stream"))
     check_choice("--resample", resample, ("auto", "linear", "nearest"))
     share = co.parse_part(part) if part is not None else co.torchrun_part()
+    if (nproc or 1) > 1 and share is not None:
+        raise MedsegError("--nproc starts its own workers, each with its --part: give one or the other (and not --nproc under torchrun)")
     plan = plan_inputs(input_path, output)
     check_output_type(plan.cases, output_type)
     if (nproc or 1) > 1 or share is not None:
@@ -254,6 +258,7 @@ def infer(
                                   preview=preview, series=series)
     if plan.batch:
         line = (f"{result.segmented} of {len(mine)} scans segmented" + (f", {result.skipped} done earlier" if result.skipped else "")
+                + (f", {result.busy} being segmented by another process" if result.busy else "")
                 + (f"; failed: {', '.join(result.failed)}" if result.failed else ""))
         if output is not None:
             left = sum(r["status"] == "pending" for r in co.read_summary(output).values())
@@ -287,10 +292,11 @@ def _infer_workers(nproc: int, plan, input_path: Path, output: Path, o: dict) ->
     code = co.launch_workers(nproc, args, o["device"])
     rows = co.read_summary(output)
     done = sum(rows.get(name, {}).get("status") == "done" for name in _case_names(plan))
-    failed = [n for n in _case_names(plan) if rows.get(n, {}).get("status") == "failed"]
+    failed = [p.name for p, n in zip((p for p, _ in plan.cases), _case_names(plan)) if rows.get(n, {}).get("status") == "failed"]
     out.print(escape(f"{done} of {len(plan.cases)} scans done" + (f"; failed: {', '.join(failed)}" if failed else "")
                      + f" (summary: {output / co.SUMMARY[1]})"), soft_wrap=True, highlight=False)
     if code in (130, 143):
+        err.print("[yellow]interrupted[/yellow]; the same command continues (finished cases are skipped)", highlight=False)
         return code
     return 1 if code or failed or done < len(plan.cases) else 0
 
@@ -308,7 +314,9 @@ class _InferUI:
     def __init__(self, n: int, batch: bool) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+        # bars on a terminal only: in a log (or a --nproc worker's pipe) the lines per case say it all
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                            disable=not err.is_terminal)
         self.cases = self.bar.add_task("cases", total=n, visible=batch)
         self.windows = None
 
@@ -333,6 +341,9 @@ class _InferUI:
 
     def failed(self, path: Path, message: str) -> None:
         err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+
+    def busy(self, path: Path, message: str) -> None:
+        err.print(f"[yellow]note:[/yellow] {escape(message)}: left to it", soft_wrap=True, highlight=False)
 
     def segmented(self, path: Path, result: dict) -> None:
         for note in result["notes"]:

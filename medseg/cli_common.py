@@ -98,9 +98,12 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MedsegError as e:
+            import os
+
             from rich.markup import escape
 
-            err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+                err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")

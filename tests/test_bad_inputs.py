@@ -202,9 +202,11 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
         "infer-not-nifti-output": Bad(infer(str(scans / "ct.nii.gz"), "-o", str(ws / "out.png")), "must end in .nii.gz or .nii"),
         "infer-folder-to-file": Bad(infer(str(batch), "-o", str(ws / "seg.nii.gz")), "a folder input needs an output folder"),
         "infer-batch-one-truncated": Bad(infer(str(batch), "-o", str(ws / "batch_out")), "b.nii.gz", exit=1,
-                                         creates=("batch_out/a_seg.nii.gz", "batch_out/a_seg.json")),
+                                         creates=("batch_out/a_seg.nii.gz", "batch_out/a_seg.json", "batch_out/summary.csv",
+                                                  "batch_out/summary.json")),
         "infer-dataset-folder": Bad(infer(str(dataset), "-o", str(ws / "ds_out")), exit=0,
-                                    creates=("ds_out/dataset_case_seg.nii.gz", "ds_out/dataset_case_seg.json")),
+                                    creates=("ds_out/dataset_case_seg.nii.gz", "ds_out/dataset_case_seg.json", "ds_out/summary.csv",
+                                             "ds_out/summary.json")),
         "infer-weights-truncated": Bad(["infer", str(scans / "ct.nii.gz"), "-o", str(ws / "o4.nii.gz"), "--run", str(broken_weights)],
                                        "cannot load weights ("),
         "infer-run-bad-args": Bad(["infer", str(scans / "ct.nii.gz"), "-o", str(ws / "o5.nii.gz"), "--run", str(bad_args)],
@@ -237,7 +239,7 @@ def build(ws: Path, run: Path) -> dict[str, Bad]:
     cases.update({
         "dicom-missing-slice": Bad(infer(str(gap), "-o", str(ws / "d1.nii.gz")), "not evenly spaced"),
         "dicom-truncated-slice": Bad(infer(str(trunc), "-o", str(ws / "d2.nii.gz")), victim.name),
-        "dicom-empty-folder": Bad(infer(str(ws / "emptydir"), "-o", str(ws / "d3.nii.gz")), "no DICOM series"),
+        "dicom-empty-folder": Bad(infer(str(ws / "emptydir"), "-o", str(ws / "d3.nii.gz")), "empty folder (no NIfTI scans, no DICOM files)"),
         "dicom-single-file": Bad(infer(str(sorted(mixed.glob("*.dcm"))[0]), "-o", str(ws / "d7.nii.gz")), "a single DICOM file"),
         "dicom-parent-folder": Bad(infer(str(nested), "-o", str(ws / "d8.nii.gz")), "are not searched: give the series' own folder"),
         "dicom-seg-only": Bad(infer(str(seg_only), "-o", str(ws / "d4.nii.gz")), "no CT image series", needs_shared=True),
@@ -362,6 +364,8 @@ def test_bad_input(case_id, corpus, cli, monkeypatch):
     for name in case.creates:  # a repair's outputs are complete, readable files; then tidy up for the next case
         if name.endswith(".nii.gz"):
             assert len(nib.load(ws / name).shape) == 3 and np.asarray(nib.load(ws / name).dataobj).any()
+        elif name.endswith(".csv"):
+            assert (ws / name).read_text().startswith("name,status,")
         else:
             json.loads((ws / name).read_text())
         (ws / name).unlink()

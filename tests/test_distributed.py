@@ -159,3 +159,25 @@ def test_nproc_refuses_bad_input(cli, tmp_path):
     assert r.exit_code == 2
     r = cli("train", tmp_path / "missing.json", "--nproc", "2")  # the bundle is checked before torchrun starts
     assert r.exit_code == 2 and "missing.json" in r.output and "torch" not in r.output.lower()
+
+
+def test_ranks_stop_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL of `medseg train --nproc 2` (an OOM killer, a lost login) must not leave two orphan
+    ranks training on, holding the run: the kernel sends them SIGTERM, they checkpoint and stop."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    env = {**os.environ, "MEDSEG_TEST_HOOK": "step:3", "MEDSEG_TEST_HOOK_SECONDS": "3"}
+    with open(log, "w") as fh:
+        p = subprocess.Popen([sys.executable, "-m", "medseg", "train", str(SMOKE), "--nproc", "2", "--run-dir", str(run_dir), *SETS,
+                              "--set", "train.epochs=30"], stdout=fh, stderr=subprocess.STDOUT, env=env, text=True)
+        deadline = time.time() + 300
+        while "medseg-test-hook: step:3" not in log.read_text() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        p.kill()
+        p.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and json.loads((run_dir / "run.json").read_text())["status"] == "running":
+        time.sleep(0.5)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "interrupted", log.read_text()[-2000:]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 3

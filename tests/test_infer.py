@@ -414,7 +414,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("problem, needle", [("missing", "no such file"), ("text", "not a NIfTI file"),
                                              ("truncated", "corrupt or truncated"), ("4d", "expected a 3D volume"),
-                                             ("empty", "no DICOM series")])
+                                             ("empty", "empty folder (no NIfTI scans, no DICOM files)")])
 def test_bad_inputs_are_one_line_and_write_nothing(problem, needle, threshold_run, tmp_path, cli):
     path = bad_inputs(tmp_path)[problem]
     before = set(tmp_path.rglob("*"))
@@ -632,3 +632,23 @@ def test_runs_are_padded_as_they_were_trained(threshold_run):
     info = json.loads((threshold_run / "run.json").read_text())
     (threshold_run / "run.json").write_text(json.dumps({**info, "format_version": 2}))
     assert Predictor(threshold_run, device="cpu").window.pad_value == 0.0
+
+
+def test_a_cohort_leaves_a_case_another_process_is_writing(threshold_run, tmp_path, cli):
+    """A duplicate worker (a requeued array task) meets a case being written: it leaves it, not fails it."""
+    data = tmp_path / "scans"
+    data.mkdir()
+    for i, name in enumerate(("a", "b")):
+        nib.save(make_case(seed=3, index=i).image, data / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".a_seg.nii.gz.lock", "w") as f:  # another medseg infer holds a's output
+        f.write("pid 4242 on otherhost")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cli("infer", data, "-o", out, "--run", threshold_run)
+    assert result.exit_code == 0, result.output
+    assert "being written by another medseg infer (pid 4242 on otherhost)" in " ".join(result.output.split())
+    assert (out / "b_seg.nii.gz").exists() and not (out / "a_seg.nii.gz").exists()
+    rows = {r["name"]: r["status"] for r in json.loads((out / "summary.json").read_text())["cases"]}
+    assert rows == {"a": "pending", "b": "done"}

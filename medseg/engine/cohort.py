@@ -60,8 +60,13 @@ def parse_part(text: str) -> tuple[int, int]:
 
 def torchrun_part() -> tuple[int, int] | None:
     """Under torchrun: (RANK, WORLD_SIZE)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise MedsegError("WORLD_SIZE and RANK must be whole numbers (set by torchrun)") from None
+    if world > 1 and not 0 <= rank < world:
+        raise MedsegError(f"RANK {rank} is not one of WORLD_SIZE {world}'s ranks (0..{world - 1})")
+    return (rank, world) if world > 1 else None
 
 
 def my_cases(cases: list[tuple[Path, Path | None]], part: tuple[int, int] | None) -> list[tuple[Path, Path | None]]:
@@ -184,9 +189,8 @@ def update_summary(out_dir: Path, cohort: list[tuple[Path, Path | None]], change
                 rows[name] = asdict(CaseStatus(name, str(scan), str(target) if target else ""))
         for c in changes:
             rows[c.name] = asdict(c)
-        order = [name_of(scan) for scan, _ in cohort]
-        listed = set(order)
-        ordered = [rows[n] for n in order] + [r for n, r in rows.items() if n not in listed]
+        # this cohort's cases (rows of another cohort written to the same folder are dropped)
+        ordered = [rows[name_of(scan)] for scan, _ in cohort]
         counts = {s: sum(r["status"] == s for r in ordered) for s in ("done", "failed", "pending")}
         texts = {SUMMARY[0]: json.dumps({"counts": counts, "cases": ordered}, indent=2) + "\n", SUMMARY[1]: _csv(ordered)}
         for name, text in texts.items():
@@ -222,12 +226,14 @@ class ShareUI(Protocol):
     def skipped(self, path: Path, status: CaseStatus) -> None: ...
     def segmented(self, path: Path, result: dict[str, Any]) -> None: ...
     def failed(self, path: Path, message: str) -> None: ...
+    def busy(self, path: Path, message: str) -> None: ...
 
 
 @dataclass
 class ShareResult:
     segmented: int = 0
     skipped: int = 0
+    busy: int = 0  # being segmented by another process
     failed: list[str] = field(default_factory=list)
 
 
@@ -241,7 +247,7 @@ def segment_share(predictor, plan, mine: list[tuple[Path, Path | None]], ui: Sha
     import torch
 
     from medseg.engine.hooks import test_hook
-    from medseg.engine.infer import batch_name, output_paths, segment_file, wanted_outputs
+    from medseg.engine.infer import OutputBusy, batch_name, output_paths, segment_file, wanted_outputs
 
     wanted = wanted_outputs(save_probabilities, preview, output_type)
     settings = settings_of(predictor, classes, output_type)
@@ -273,6 +279,12 @@ def segment_share(predictor, plan, mine: list[tuple[Path, Path | None]], ui: Sha
                                 classes=classes, series=series, output_type=output_type, on_window=on_window)
         except (KeyboardInterrupt, SystemExit):
             raise
+        except OutputBusy as e:  # another worker (a duplicate array task) is on it: its case, not a failure
+            if not plan.batch:
+                raise
+            result.busy += 1
+            ui.busy(path, str(e))
+            continue
         except Exception as e:  # noqa: BLE001  a cohort goes on past a bad case, whatever broke
             if not plan.batch:
                 raise
@@ -310,7 +322,7 @@ def launch_workers(nproc: int, args: list[str], device: str) -> int:
     (of those this process sees). Returns 0, or the first non-zero exit status of a worker."""
     import torch
 
-    from medseg.engine.distributed import exit_status
+    from medseg.engine.distributed import die_with_parent, exit_status
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MedsegError("--nproc starts its own workers; under torchrun each rank is already one: leave out --nproc")
@@ -327,7 +339,7 @@ def launch_workers(nproc: int, args: list[str], device: str) -> int:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         # own sessions: a Ctrl-C reaches the workers once, through this process
         p = subprocess.Popen([sys.executable, "-m", "medseg", "infer", *args, "--part", f"{i}/{nproc}"], env=env, start_new_session=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, preexec_fn=die_with_parent)
         children.append(p)
         for stream, sink in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
             relays.append(threading.Thread(target=_relay, args=(stream, sink, f"[{i}] "), daemon=True))
@@ -336,7 +348,7 @@ def launch_workers(nproc: int, args: list[str], device: str) -> int:
     def stop(signum, frame):
         for c in children:
             if c.poll() is None:
-                c.send_signal(signal.SIGTERM)
+                c.send_signal(signum)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with contextlib.suppress(ValueError):  # not the main thread: no forwarding

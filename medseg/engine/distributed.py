@@ -14,6 +14,7 @@ writes the run directory and MLflow, and each rank trains on its own disjoint sh
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,6 +60,7 @@ class Dist:
         import torch.distributed as td
 
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+        die_with_parent()  # torchrun's agent killed (SIGKILL): stop and checkpoint, do not train on as an orphan
         dev = resolve_device(device)
         if dev.type == "cuda":
             if device.startswith("cuda:"):
@@ -171,6 +173,24 @@ class Dist:
         return torch.tensor(values, dtype=dtype, device=self._device())
 
 
+def die_with_parent(signum: int | None = None) -> None:
+    """Linux: have the kernel send ``signum`` (SIGTERM) to this process when its parent dies, so a
+    rank or worker whose launcher was SIGKILLed stops (SIGTERM: training checkpoints first) instead
+    of running on as an orphan holding the run's lock. Elsewhere: nothing."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signum or signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before we asked
+        os.kill(os.getpid(), int(signum or signal.SIGTERM))
+
+
 def shard(items: list[T], rank: int, world: int) -> list[T]:
     """Rank ``rank``'s part of ``items``: every ``world``-th item from position ``rank``. The parts
     are disjoint, cover every item, and differ in size by at most one."""
@@ -193,6 +213,10 @@ def launch_torchrun(nproc: int, args: list[str], torchrun_args: list[str] | None
         raise MedsegError("--nproc starts torchrun; this process already runs under torchrun: leave out --nproc")
     # torchrun would set 1 thread per rank; share this machine's cores between the ranks instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    import logging
+
+    # the ranks say what went wrong (rank 0 speaks); torchrun's agent would add its own warnings and a traceback summary
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={nproc}", *(torchrun_args or []), "-m", "medseg", *args]))
     except SignalException as e:

@@ -382,6 +382,8 @@ def list_inputs(input_path: Path) -> tuple[list[Path], bool]:
     single = _single_image(input_path)
     if single is not None:
         return [single], True
+    if not any(p.is_file() for p in input_path.rglob("*")):
+        raise MedsegError(f"{input_path}: empty folder (no NIfTI scans, no DICOM files)")
     subfolders = sorted(d for d in input_path.iterdir() if d.is_dir() and not d.name.startswith("."))
     images = [p for p in (_single_image(d) for d in subfolders) if p is not None]
     if images:
@@ -456,6 +458,10 @@ def refuse_overwrite(paths: dict[str, Path], wanted: list[str]) -> None:
 # writing: lock, stage, publish
 
 
+class OutputBusy(MedsegError):
+    """An output is being written by another process (its lock is held)."""
+
+
 @contextlib.contextmanager
 def output_lock(path: Path):
     """Hold ``.<name>.lock`` beside ``path`` (flock) while its outputs are made; a second holder
@@ -478,7 +484,7 @@ def output_lock(path: Path):
         except OSError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise MedsegError(f"{path} is being written by another medseg infer ({holder}); wait for it or choose another -o") from None
+            raise OutputBusy(f"{path} is being written by another medseg infer ({holder}); wait for it or choose another -o") from None
         try:  # the previous holder may have removed the file between our open and our lock: retry
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break

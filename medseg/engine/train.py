@@ -265,6 +265,8 @@ def _train(bundle: Bundle, dist: Dist, dev: torch.device, *, run_dir, runs_root,
                 run.discard()  # a run that never started leaves nothing behind
             raise
         run.info.update(extra)
+        if not dist.enabled:
+            run.info.pop("distributed", None)  # a run resumed by one process: no longer sharded
         run.mark_running()
         if not fresh:
             run.write_description(bundle, splits, model_summary(model))  # the resumed bundle (a new length, ...)
