@@ -291,3 +291,44 @@ def test_bad_inputs(trained, tmp_path, cli):
         assert expected in one_error_line(cli(*args)), expected
     assert sorted(p.relative_to(ws) for p in ws.rglob("*")) == before  # nothing written, nothing replaced
     assert (ws / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_monai_bundle_preprocessing_matches_medseg_for_ct_normalisation(tmp_path):
+    """The shipped bundles use "ct" normalisation, where the body threshold and the window's pad value
+    are not MONAI's defaults (0): the bundle's own preprocessing, run by MONAI's ConfigParser on a
+    phantom scan, gives medseg's normalised values and body crop; its inferer pads with medseg's air."""
+    from monai.bundle import ConfigParser
+
+    from medseg.config import load_bundle
+    from medseg.data.phantom import write_phantom
+    from medseg.data.transforms import body_threshold, pad_value
+    from medseg.engine.pipeline import body_box, preprocess
+    from medseg.export.describe import window_of
+    from medseg.export.monai_bundle import inference_config
+
+    class _Run:
+        info: dict = {}
+
+    bundle = load_bundle(BUNDLES / "fcn2d.json", ["data.spacing=[3.0, 3.0, 3.0]", 'data.ct_stats={"low": -100, "high": 250, "mean": 50, "std": 40}'])
+    assert bundle.data.normalization == "ct" and pad_value(bundle) != 0 and body_threshold(bundle) != 0
+    labels = {0: "background", **{i: n for i, n in enumerate(bundle.data.labels, start=1)}}
+    config = inference_config(bundle, labels, window_of(_Run(), bundle))
+    assert config["inferer"]["cval"] == pad_value(bundle)
+    write_phantom(tmp_path / "ds", 1, seed=4)
+    scan = next((tmp_path / "ds" / "imagesTr").glob("*.nii.gz"))
+    parser = ConfigParser(config)
+    got = parser.get_parsed_content("preprocessing")({"image": str(scan)})["image"]
+    x, _ = preprocess(nib.load(scan), bundle, str(scan))
+    want = x[(0, 0, *body_box(x, body_threshold(bundle)))]
+    assert tuple(got.shape[1:]) == tuple(want.shape)
+    assert np.allclose(np.asarray(got[0]), want.numpy(), atol=1e-4)
+
+
+def test_force_keeps_files_the_export_did_not_write(trained, tmp_path, cli):
+    out = tmp_path / "ts"
+    assert cli("export", trained, "-f", "torchscript", "-o", out).exit_code == 0
+    (out / "eval").mkdir()
+    (out / "eval" / "scan_seg.nii.gz").write_bytes(b"a result the user keeps")
+    line = one_error_line(cli("export", trained, "-f", "torchscript", "-o", out, "--force"))
+    assert "eval/scan_seg.nii.gz" in line and "did not write" in line
+    assert (out / "eval" / "scan_seg.nii.gz").read_bytes() == b"a result the user keeps"

@@ -70,6 +70,25 @@ def is_export(folder: Path) -> bool:
         return False
 
 
+def foreign_files(folder: Path) -> list[Path]:
+    """Files in an earlier export that it did not write (a bundle's results, the user's notes): ``--force`` keeps its hands off."""
+    try:
+        listed = set(json.loads((folder / INFO_FILE).read_text()).get("files", {}))
+    except (OSError, ValueError, TypeError, AttributeError):
+        listed = set()
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in listed)
+
+
+def _refuse_foreign(out: Path) -> None:
+    if any(out.iterdir()) and not is_export(out):
+        raise MedsegError(f"{out} exists and is not a medseg export (no {INFO_FILE}); not replacing it, even with --force")
+    extra = foreign_files(out) if out.is_dir() and any(out.iterdir()) else []
+    if extra:
+        shown = ", ".join(str(p.relative_to(out)) for p in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise MedsegError(f"{out} holds files the export did not write ({shown}); move them away first: --force replaces "
+                          "only an export's own files")
+
+
 def check_output(out: Path, force: bool) -> None:
     """Refuse, before any work: a file; an existing folder without ``force``; with ``force``, a
     folder that is neither empty nor an earlier export (``-o ~ --force`` must not delete a home)."""
@@ -78,8 +97,7 @@ def check_output(out: Path, force: bool) -> None:
     if out.is_dir():
         if not force:
             raise MedsegError(f"{out} exists; pass --force to replace it")
-        if any(out.iterdir()) and not is_export(out):
-            raise MedsegError(f"{out} exists and is not a medseg export (no {INFO_FILE}); not replacing it, even with --force")
+        _refuse_foreign(out)
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -107,8 +125,9 @@ def _publish(stage: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:
             raise MedsegError(f"{out} appeared while exporting; it was not replaced (pass --force to replace it)")
-        if out.is_dir() and any(out.iterdir()) and not is_export(out):
-            raise MedsegError(f"{out} exists and is not a medseg export (no {INFO_FILE}); not replacing it, even with --force")
+        if not out.is_dir():
+            raise MedsegError(f"{out} appeared as a file while exporting; it was not replaced")
+        _refuse_foreign(out)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.rename(out, old / "previous")
     try:

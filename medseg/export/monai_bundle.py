@@ -100,11 +100,11 @@ def inference_config(bundle: Bundle, labels: dict[int, str], window: Window) -> 
                  "output_dtype": "$numpy.uint8" if len(labels) <= 256 else "$numpy.uint16", "resample": False,
                  "separate_folder": False, "print_log": False})
     return {
-        "imports": ["$import glob", "$import os", "$import numpy", "$import torch", "$import monai"],
+        "imports": ["$import collections", "$import glob", "$import os", "$import numpy", "$import torch", "$import monai"],
         "bundle_root": ".",
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
         "dataset_dir": ".",
-        "output_dir": "$@bundle_root + '/eval'",
+        "output_dir": "eval",  # relative to where it runs, never inside the bundle (a re-export would replace the bundle)
         "datalist": "$sorted(glob.glob(os.path.join(@dataset_dir, '*.nii.gz')) + glob.glob(os.path.join(@dataset_dir, '*.nii')))",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "network_def": network_config(bundle),
@@ -134,7 +134,8 @@ def inference_config(bundle: Bundle, labels: dict[int, str], window: Window) -> 
             "$@network.load_state_dict(torch.load(@ckpt_path, map_location=@device, weights_only=True))",
             "$@network.eval()",
         ],
-        "run": ["$[@postprocessing(item) for batch in @dataloader for item in @predict(batch)]"],
+        # each scan saved and dropped (a list of results would hold every scan in memory)
+        "run": ["$collections.deque((@postprocessing(item) for batch in @dataloader for item in @predict(batch)), maxlen=0)"],
     }
 
 
