@@ -215,7 +215,7 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, *, checkpoint
             info["onnx"] = {"opset": g.onnx_opset(stage / "model.onnx"), "exporter": f"torch.onnx.export(dynamo=True), PyTorch {torch.__version__}",
                             "dynamic_axes": {"image": [0], "logits": [0]}}
         if fmt == "monai-bundle":
-            info["bundle_command"] = mb.command(str(out))
+            info["bundle_command"] = mb.command(str(out.resolve()))
             info["bundle_requires"] = mb.requirements(bundle)
             info["network_def"] = mb.network_config(bundle)
         (stage / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -37,6 +37,12 @@ ORIENTATION_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
 
 
 def _jsonable(value: Any) -> Any:
+    """A model argument as config JSON. A string MONAI's ConfigParser would read as code or a reference
+    ($, @, %) is refused: a bundle must not run what a run's bundle.json happens to contain."""
+    if isinstance(value, str) and value[:1] in ("$", "@", "%"):
+        from medseg.errors import MedsegError
+
+        raise MedsegError(f"model argument {value!r} starts with {value[0]!r}, which a MONAI config would evaluate; cannot export it")
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, list):
@@ -164,6 +170,12 @@ def metadata(bundle: Bundle, labels: dict[int, str], window: Window, run_name: s
             required["scikit-image"] = "any"
     if needs_medseg(bundle):
         required["medseg"] = __version__
+    try:
+        import fire
+
+        required["fire"] = getattr(fire, "__version__", "any")  # python -m monai.bundle needs it
+    except ImportError:
+        required["fire"] = "any"
     return {
         "version": "0.1.0",
         "changelog": {"0.1.0": f"exported by medseg {__version__} from run {run_name}"},
@@ -206,8 +218,11 @@ def metadata(bundle: Bundle, labels: dict[int, str], window: Window, run_name: s
 
 
 def command(folder: str = "DIR", data: str = "SCANS_DIR", output: str = "OUT_DIR") -> str:
-    return (f"python -m monai.bundle run --config_file {folder}/configs/inference.json --meta_file {folder}/configs/metadata.json "
-            f"--bundle_root {folder} --dataset_dir {data} --output_dir {output}")
+    import shlex
+
+    q = shlex.quote
+    return (f"python -m monai.bundle run --config_file {q(folder + '/configs/inference.json')} "
+            f"--meta_file {q(folder + '/configs/metadata.json')} --bundle_root {q(folder)} --dataset_dir {q(data)} --output_dir {q(output)}")
 
 
 def requirements(bundle: Bundle) -> list[str]:
