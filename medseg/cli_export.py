@@ -33,6 +33,15 @@ def export(
     run_dir, out_dir = path_arg(run, "RUN"), path_arg(output, "-o")
     check_export(run_dir, fmt, out_dir, checkpoint=checkpoint, force=force)  # bad input: one line, before the announcement
     err.print(f"exporting {escape(str(run_dir))} ({checkpoint} checkpoint) as {fmt} ...", highlight=False, soft_wrap=True)
+    import signal
+
+    def interrupt(signum, frame):  # SIGTERM as Ctrl-C: the staging folder is removed on the way out
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        pass
     result = export_run(run_dir, fmt, out_dir, checkpoint=checkpoint, force=force)
     for note in result.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)

@@ -207,6 +207,15 @@ def test_cli_torchscript_on_a_trained_run(trained, tmp_path, cli):
     assert info["sliding_window"]["roi"] == bundle.infer_roi and info["sliding_window"]["pad_value"] == a
     readme = (out / "README.txt").read_text()
     assert "clip(HU, -175, 250)" in readme and "torch.jit.load" in readme and "2 spleen" in readme
+    # the recipe as written, in float32 as a user's pipeline runs it: air must not pass the body-crop threshold
+    # (scale * HU + offset gave 3e-8 > 0 for air, so nothing was cropped and 10-30 % of voxels differed from medseg infer)
+    air = np.float32(-1000.0)
+    im = {k: np.float32(v) for k, v in i["intensity"].items() if isinstance(v, (int, float))}
+    value = (np.clip(air, im["hu_low"], im["hu_high"]) - im["hu_low"]) / (im["hu_high"] - im["hu_low"]) * (
+        im["value_high"] - im["value_low"]) + im["value_low"]
+    assert "(clip(HU, hu_low, hu_high) - hu_low)" in i["intensity"]["formula"]
+    assert not value > info["body_crop"]["threshold"]
+    assert len(info["run"]["weights_sha256"]) == 64
 
     first = (out / "model.torchscript.pt").stat().st_mtime_ns
     assert "exists; pass --force" in one_error_line(cli("export", trained, "-f", "torchscript", "-o", out))

@@ -95,6 +95,8 @@ def check_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MedsegError(f"-o {out} is a file; the export is a folder: choose another path")
     if out.is_dir():
+        if any(out.iterdir()) and not is_export(out):
+            raise MedsegError(f"{out} exists and is not a medseg export (no {INFO_FILE}): choose another -o")
         if not force:
             raise MedsegError(f"{out} exists; pass --force to replace it")
         _refuse_foreign(out)

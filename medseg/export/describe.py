@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from medseg import __version__
@@ -35,6 +36,20 @@ class Window:
     body_threshold: float
 
 
+def _sha256(path: Path) -> str | None:
+    """Which weights were exported, whatever the run did afterwards."""
+    import hashlib
+
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
 def window_of(run, bundle: Bundle) -> Window:
     from medseg.data.transforms import body_threshold
     from medseg.engine.pipeline import WindowSpec
@@ -54,7 +69,9 @@ def intensity(bundle: Bundle) -> dict[str, Any]:
         "normalization": bundle.data.normalization,
         "hu_low": lo, "hu_high": hi, "value_low": a, "value_high": b,
         "scale": scale, "offset": a - lo * scale,
-        "formula": "value = clip(HU, hu_low, hu_high) * scale + offset  (= value_low at hu_low, value_high at hu_high)",
+        # computed as MONAI's ScaleIntensityRange does, (HU - hu_low) first: air lands on value_low exactly,
+        # which the body crop (value > threshold) relies on; scale * HU + offset misses it by float rounding
+        "formula": "value = (clip(HU, hu_low, hu_high) - hu_low) / (hu_high - hu_low) * (value_high - value_low) + value_low",
     }
     if bundle.data.normalization == "ct":
         s = bundle.data.ct_stats
@@ -78,7 +95,9 @@ def describe(run, bundle: Bundle, labels: dict[int, str], checkpoint: str, fmt: 
         "files": files,
         "medseg_version": __version__,
         "exported": datetime.now().isoformat(timespec="seconds"),
-        "run": {"name": run.name, "path": str(run.path.resolve()), "status": run.status, "checkpoint": checkpoint},
+        "run": {"name": run.name, "path": str(run.path.resolve()), "status": run.status, "checkpoint": checkpoint,
+                "best_dice": run.info.get("best_dice"), "best_epoch": run.info.get("best_epoch"), "steps": run.info.get("steps"),
+                "weights_sha256": _sha256(run.weights_path(checkpoint))},
         "model": {"name": bundle.model.name, "display": spec.display, "args": bundle.model.args, "parameters": parameters,
                   "train_roi": list(bundle.train.roi)},
         "classes": {str(v): n for v, n in sorted(labels.items())},
@@ -142,6 +161,8 @@ def readme(info: dict[str, Any]) -> str:
     lines = [
         f"{info['model']['display']} from medseg run {info['run']['name']} ({info['run']['checkpoint']} checkpoint), "
         f"exported as {fmt} by medseg {info['medseg_version']}.",
+        *([f"NOTE: the run was {info['run']['status']}, not complete, when it was exported: these are its weights of that moment "
+           f"(sha256 {info['run']['weights_sha256']})."] if info["run"]["status"] != "complete" else []),
         "",
         "Files:",
         *[f"  {name:<28} {what}" for name, what in info["files"].items()],
@@ -154,8 +175,10 @@ def readme(info: dict[str, Any]) -> str:
         "Preparing a scan (what medseg infer does; export.json has the same numbers):",
         "  1. reorient to RAS (MONAI Orientationd axcodes='RAS') and resample to "
         f"{' x '.join(_fmt(s) for s in i['spacing_mm'])} mm (Spacingd, bilinear)",
-        f"  2. intensity: value = clip(HU, {_fmt(imap['hu_low'])}, {_fmt(imap['hu_high'])}) * {_fmt(imap['scale'])} "
-        f"{'-' if imap['offset'] < 0 else '+'} {_fmt(abs(imap['offset']))}",
+        f"  2. intensity: value = (clip(HU, {_fmt(imap['hu_low'])}, {_fmt(imap['hu_high'])}) - ({_fmt(imap['hu_low'])})) "
+        f"/ {_fmt(imap['hu_high'] - imap['hu_low'])} * {_fmt(imap['value_high'] - imap['value_low'])} + ({_fmt(imap['value_low'])})",
+        "     (in this order, as MONAI's ScaleIntensityRange: air must land exactly on the low value for step 3;",
+        "      clip(HU) * scale + offset misses it by float rounding and then nothing is cropped)",
         f"     ({_meaning(imap)}; {_fmt(imap['value_low'])} is air)",
         f"  3. crop to the body: the bounding box of the voxels with value > {_fmt(info['body_crop']['threshold'])}",
         f"  4. slide a {roi} window over it: overlap {sw['overlap']}, {sw['mode']} blending, padding value {_fmt(sw['pad_value'])}",
