@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice  # noqa: F401  (check_choice: the commands import it from here)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="3D CT organ segmentation: train V-Net, UNETR, Swin UNETR and a 2D FCN from JSON bundles.")
@@ -78,16 +78,6 @@ def path_arg(text: str | None, what: str):
     if not text.strip():
         raise MedsegError(f"{what} is empty (an unset shell variable?); give a path")
     return Path(text)
-
-
-def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    """One line with the closest valid choice for a mistyped option value."""
-    if value not in choices:
-        import difflib
-
-        match = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-        hint = f"; did you mean {match[0]!r}?" if match else ""
-        raise MedsegError(f"{option} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}{hint}")
 
 
 def user_errors(fn):

@@ -207,27 +207,21 @@ def _build_each(entries) -> None:
 def _report_lock(out: Path):
     """Hold ``out/.compare.lock`` (flock) for the whole comparison: a second medseg compare writing the
     same report fails at once, naming the first."""
-    import fcntl
-    import socket
+    from medseg.locks import LockHeld, held
 
     made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / ".compare.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = held(out / ".compare.lock", remove=False)
+        lock.__enter__()
+    except LockHeld as e:
+        raise MedsegError(f"{out} is being written by another medseg compare ({e.holder}); wait for it or choose another -o") from None
     except OSError as e:
         raise MedsegError(f"cannot write the report to {out} ({e.strerror or e}); choose another -o") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise MedsegError(f"{out} is being written by another medseg compare ({holder}); wait for it or choose another -o") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    try:
         yield
     finally:
-        os.close(fd)
+        lock.__exit__(None, None, None)
         if made and [p.name for p in out.iterdir()] == [".compare.lock"]:  # refused before anything was written
             (out / ".compare.lock").unlink(missing_ok=True)
             out.rmdir()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from medseg.errors import MedsegError
+from medseg.locks import held
 
 SUMMARY = ("summary.json", "summary.csv")
 
@@ -142,31 +143,6 @@ def outputs_present(paths: dict[str, Path], wanted: list[str]) -> list[Path]:
 # the summary
 
 
-@contextlib.contextmanager
-def _summary_lock(folder: Path):
-    """``OUT/.summary.lock`` held (flock; NFS emulates it with fcntl locks) while the summary is
-    rewritten: every worker, on every machine, in turn. Removed afterwards; a waiter that finds
-    it removed takes a new one."""
-    import fcntl
-
-    lock = folder / ".summary.lock"
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(fd)
-
-
 def read_summary(out_dir: Path) -> dict[str, dict[str, Any]]:
     try:
         rows = json.loads((out_dir / SUMMARY[0]).read_text())["cases"]
@@ -181,7 +157,7 @@ def update_summary(out_dir: Path, cohort: list[tuple[Path, Path | None]], change
     from medseg.data.io import temporary_beside
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _summary_lock(out_dir):
+    with held(out_dir / ".summary.lock", wait=True):  # every worker, on every machine, in turn
         rows = read_summary(out_dir)
         for scan, target in cohort:
             name = name_of(scan)

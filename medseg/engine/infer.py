@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +106,7 @@ class Predictor:
         self.largest_component = [by_name[n] for n in self.bundle.postprocess.largest_component if n in by_name] if postprocess else []
         self.members: list[tuple[WindowSpec, Any]] = []  # per run: its sliding window and its network function
         for r in self.runs:
-            window = WindowSpec.from_bundle(r.bundle, overlap=overlap, sw_batch_size=sw_batch_size, method=method)
-            if r.info.get("format_version") in (1, 2):  # trained before patches were padded with air: 0 is what they saw
-                window = dataclasses.replace(window, pad_value=0.0)
+            window = run_window(r, overlap=overlap, sw_batch_size=sw_batch_size, method=method)
             model = r.build_model(checkpoint, self.device)
             amp = amp_mode(r.bundle.train.amp, self.device)
             self.members.append((window, network_fn(model, autocast(amp, self.device), tta,
@@ -204,6 +201,16 @@ class Predictor:
         if unknown:
             raise MedsegError(f"--classes: {', '.join(unknown)} not in this run's classes ({', '.join(by_name)})")
         return [by_name[n] for n in classes]
+
+
+def run_window(run: Run, bundle=None, **options) -> WindowSpec:
+    """The run's sliding window (its bundle, or ``bundle``; ``options``: overlap, sw_batch_size, method
+    overrides); runs of format 1 and 2 were trained before patches were padded with air, so their
+    windows pad with 0, as they saw."""
+    window = WindowSpec.from_bundle(bundle or run.bundle, **options)
+    if run.info.get("format_version") in (1, 2):
+        window = dataclasses.replace(window, pad_value=0.0)
+    return window
 
 
 def resolve_runs(run, runs_root: str | Path = "runs", notes: list[str] | None = None) -> list[Run]:
@@ -466,39 +473,24 @@ class OutputBusy(MedsegError):
 def output_lock(path: Path):
     """Hold ``.<name>.lock`` beside ``path`` (flock) while its outputs are made; a second holder
     fails at once with one line naming the first. The lock file is removed afterwards."""
-    import fcntl
+    from medseg.locks import LockHeld, held
 
-    lock = path.with_name(f".{path.name}.lock")
     made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again if they stay empty
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MedsegError(f"cannot create {path.parent}: {e.strerror or e}") from None
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise MedsegError(f"cannot write to {path.parent}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise OutputBusy(f"{path} is being written by another medseg infer ({holder}); wait for it or choose another -o") from None
-        try:  # the previous holder may have removed the file between our open and our lock: retry
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        lock = held(path.with_name(f".{path.name}.lock"))
+        lock.__enter__()
+    except LockHeld as e:
+        raise OutputBusy(f"{path} is being written by another medseg infer ({e.holder}); wait for it or choose another -o") from None
+    except OSError as e:
+        raise MedsegError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(fd)
+        lock.__exit__(None, None, None)
         for d in made:  # innermost first; a folder that received outputs is not empty and stays
             with contextlib.suppress(OSError):
                 d.rmdir()

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice
 
 __all__ = ["CHECKPOINTS", "FORMATS", "ExportResult", "check_export", "export_run"]
 
@@ -51,15 +51,6 @@ class ExportResult:
     seconds: float
     info: dict = field(default_factory=dict)  # export.json's content
     notes: list[str] = field(default_factory=list)
-
-
-def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        import difflib
-
-        match = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-        hint = f"; did you mean {match[0]!r}?" if match else ""
-        raise MedsegError(f"{option} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}{hint}")
 
 
 def is_export(folder: Path) -> bool:
@@ -147,8 +138,8 @@ def check_export(run_dir: str | Path, fmt: str, out_dir: str | Path, *, checkpoi
     """Everything :func:`export_run` refuses, checked in well under a second (no weights loaded):
     the format, the checkpoint choice, the run directory (and its bundle and labels), the
     checkpoint's file, the output folder. Returns the :class:`~medseg.engine.run.Run`."""
-    _check_choice("--format", fmt, FORMATS)
-    _check_choice("--checkpoint", checkpoint, CHECKPOINTS)
+    check_choice("--format", fmt, FORMATS)
+    check_choice("--checkpoint", checkpoint, CHECKPOINTS)
     if fmt == "onnx":
         import importlib.util
 

@@ -52,11 +52,10 @@ def _sha256(path: Path) -> str | None:
 
 def window_of(run, bundle: Bundle) -> Window:
     from medseg.data.transforms import body_threshold
-    from medseg.engine.pipeline import WindowSpec
+    from medseg.engine.infer import run_window
 
-    spec = WindowSpec.from_bundle(bundle)
-    pad = 0.0 if run.info.get("format_version") in (1, 2) else spec.pad_value  # as Predictor: older runs saw 0
-    return Window(tuple(spec.roi), spec.overlap, spec.mode, spec.sw_batch_size, float(pad), float(body_threshold(bundle)))
+    spec = run_window(run, bundle)  # as medseg infer runs it (older runs pad with 0)
+    return Window(tuple(spec.roi), spec.overlap, spec.mode, spec.sw_batch_size, float(spec.pad_value), float(body_threshold(bundle)))
 
 
 def intensity(bundle: Bundle) -> dict[str, Any]:
