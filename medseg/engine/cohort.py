@@ -135,10 +135,6 @@ def complete_output(scan: Path, paths: dict[str, Path], wanted: list[str], setti
     return sidecar
 
 
-def outputs_present(paths: dict[str, Path], wanted: list[str]) -> list[Path]:
-    return [paths[k] for k in wanted if paths[k].exists()]
-
-
 # ---------------------------------------------------------------------------------------------
 # the summary
 

@@ -66,23 +66,7 @@ class WholeAxisTriPlanar(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from medseg.models.triplanar import AXES, _from_slices, _to_slices
-
-        m = self.model
-        total = votes = None
-        for axis in m.axes:
-            dim = AXES[axis]
-            slices, shape = _to_slices(x, dim)
-            p = torch.softmax(_from_slices(m.nets[axis](slices), shape, dim).float(), dim=1)
-            total = p if total is None else total + p
-            if m.fusion == "vote":
-                one_hot = torch.zeros_like(p).scatter_(1, p.argmax(1, keepdim=True), 1.0)
-                votes = one_hot if votes is None else votes + one_hot
-        mean = total / len(m.axes)
-        if m.fusion == "vote":
-            fused = votes + mean
-            mean = fused / fused.sum(1, keepdim=True)
-        return torch.log(mean.clamp_min(1e-12))
+        return torch.log(self.model.fused_probabilities(x, chunk=None).clamp_min(1e-12))
 
 
 def unwrap_checkpointing(model: nn.Module) -> nn.Module:

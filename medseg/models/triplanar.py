@@ -63,19 +63,23 @@ class TriPlanar(nn.Module):
         self.axes, self.fusion, self.train_slices = axes, fusion, int(train_slices)
         self.nets = nn.ModuleDict({a: FCN2D(in_channels, out_channels, features, norm, dropout) for a in axes})
 
-    def axis_logits(self, x: torch.Tensor, axis: str) -> torch.Tensor:
-        """The logits of one axis's network over every slice of ``x``, as a (B, K, X, Y, Z) volume."""
+    def axis_logits(self, x: torch.Tensor, axis: str, chunk: int | None = SLICE_CHUNK) -> torch.Tensor:
+        """The logits of one axis's network over every slice of ``x``, as a (B, K, X, Y, Z) volume;
+        ``chunk`` slices at a time (None: all at once, as an exported graph runs it)."""
         dim = AXES[axis]
         slices, shape = _to_slices(x, dim)
-        out = torch.cat([self.nets[axis](slices[i:i + SLICE_CHUNK]) for i in range(0, slices.shape[0], SLICE_CHUNK)])
+        if chunk is None:
+            out = self.nets[axis](slices)
+        else:
+            out = torch.cat([self.nets[axis](slices[i:i + chunk]) for i in range(0, slices.shape[0], chunk)])
         return _from_slices(out, shape, dim)
 
-    def fused_probabilities(self, x: torch.Tensor, axes: tuple[str, ...] | None = None) -> torch.Tensor:
+    def fused_probabilities(self, x: torch.Tensor, axes: tuple[str, ...] | None = None, chunk: int | None = SLICE_CHUNK) -> torch.Tensor:
         """(B, K, X, Y, Z) fused class probabilities of ``axes`` (default: all of the model's)."""
         axes = tuple(axes or self.axes)
         total = votes = None
         for axis in axes:
-            p = torch.softmax(self.axis_logits(x, axis).float(), dim=1)
+            p = torch.softmax(self.axis_logits(x, axis, chunk).float(), dim=1)
             total = p if total is None else total + p
             if self.fusion == "vote":
                 one_hot = torch.zeros_like(p).scatter_(1, p.argmax(1, keepdim=True), 1.0)
